@@ -1,0 +1,102 @@
+"""Speculation statistics returned with `return_dict_in_generate=True`.
+
+Conventions (stated once, used everywhere in the library):
+
+* **mean acceptance length** (`mean_accept_len`) = tokens emitted per target verification forward, **including the
+  bonus token** the target contributes at the end of every cycle (vLLM's convention; EAGLE's "τ" in its papers). A
+  draft that is always wrong gives 1.0.
+* `mean_accepted_draft_tokens` = the same **without** the bonus (ViSpec's / EAGLE code's τ) = `mean_accept_len - 1`
+  except where generation stopped inside a chunk.
+* `acceptance_per_depth[d]` = fraction of cycles whose accepted path reached draft depth `d + 1`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class SpeculationStats:
+    """
+    Counters of one `generate` call (summed over rows for batch > 1).
+
+    Args:
+        target_forwards (`int`): target verification forwards (the prefill is not counted).
+        draft_forwards (`int`): draft forwards (catch-up + tree expansion steps).
+        tokens_emitted (`int`): new tokens produced by verification cycles (the first token, which comes from the
+            prefill, is not counted).
+        accepted_draft_tokens (`int`): draft tokens accepted over all cycles.
+        drafted_tokens (`int`): draft tokens proposed (tree nodes) over all cycles.
+        accepted_per_cycle (`list[int]`): tokens emitted by each cycle, bonus included.
+        depth_reached (`list[int]`): per tree depth `d` (1-based index `d - 1`), cycles whose path reached it.
+        prefill_tokens (`int`): tokens in the target prefill (all rows).
+        draft_prefill_tokens (`int`): tokens the draft actually saw in its prefill (fewer with a visual compressor).
+    """
+
+    target_forwards: int = 0
+    draft_forwards: int = 0
+    tokens_emitted: int = 0
+    accepted_draft_tokens: int = 0
+    drafted_tokens: int = 0
+    accepted_per_cycle: list[int] = field(default_factory=list)
+    depth_reached: list[int] = field(default_factory=list)
+    prefill_tokens: int = 0
+    draft_prefill_tokens: int = 0
+    compressor_choices: dict[str, int] = field(default_factory=dict)
+
+    def record_cycle(self, n_accepted_draft: int, n_emitted: int, n_drafted: int) -> None:
+        """Adds one verification cycle that accepted `n_accepted_draft` draft tokens and emitted `n_emitted`."""
+        self.target_forwards += 1
+        self.tokens_emitted += n_emitted
+        self.accepted_draft_tokens += n_accepted_draft
+        self.drafted_tokens += n_drafted
+        self.accepted_per_cycle.append(n_emitted)
+        if len(self.depth_reached) < n_accepted_draft:
+            self.depth_reached.extend([0] * (n_accepted_draft - len(self.depth_reached)))
+        for d in range(n_accepted_draft):
+            self.depth_reached[d] += 1
+
+    def merge(self, other: "SpeculationStats") -> "SpeculationStats":
+        """Sums two stats objects (used across batch rows)."""
+        out = SpeculationStats(**asdict(self))
+        for name in ("target_forwards", "draft_forwards", "tokens_emitted", "accepted_draft_tokens", "drafted_tokens",
+                     "prefill_tokens", "draft_prefill_tokens"):
+            setattr(out, name, getattr(self, name) + getattr(other, name))
+        out.accepted_per_cycle = self.accepted_per_cycle + other.accepted_per_cycle
+        depth = max(len(self.depth_reached), len(other.depth_reached))
+        out.depth_reached = [
+            (self.depth_reached[d] if d < len(self.depth_reached) else 0)
+            + (other.depth_reached[d] if d < len(other.depth_reached) else 0)
+            for d in range(depth)
+        ]
+        out.compressor_choices = dict(self.compressor_choices)
+        for key, value in other.compressor_choices.items():
+            out.compressor_choices[key] = out.compressor_choices.get(key, 0) + value
+        return out
+
+    @property
+    def mean_accept_len(self) -> float | None:
+        """Tokens per verification forward, bonus token **included**; `None` before the first cycle."""
+        return self.tokens_emitted / self.target_forwards if self.target_forwards else None
+
+    @property
+    def mean_accepted_draft_tokens(self) -> float | None:
+        """Accepted draft tokens per verification forward, bonus token **excluded**."""
+        return self.accepted_draft_tokens / self.target_forwards if self.target_forwards else None
+
+    @property
+    def acceptance_per_depth(self) -> list[float]:
+        """Fraction of cycles whose accepted path reached each draft depth (index 0 = depth 1)."""
+        if not self.target_forwards:
+            return []
+        return [count / self.target_forwards for count in self.depth_reached]
+
+    def to_dict(self) -> dict:
+        """Plain dict with the derived metrics, for JSON reports."""
+        data = asdict(self)
+        data.update(
+            mean_accept_len=self.mean_accept_len,
+            mean_accepted_draft_tokens=self.mean_accepted_draft_tokens,
+            acceptance_per_depth=self.acceptance_per_depth,
+        )
+        return data

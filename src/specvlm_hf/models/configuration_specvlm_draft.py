@@ -1,0 +1,169 @@
+# Copyright 2026 the specvlm-hf developers. Licensed under the Apache License, Version 2.0.
+"""Configuration of the SpecVLM (EagleVLM) draft model.
+
+This file is self-contained (it imports only `transformers`) so that it can be shipped next to a checkpoint through
+`auto_map` and loaded with `trust_remote_code=True` by users who do not have `specvlm_hf` installed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+
+@strict
+class SpecVLMDraftConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`SpecVLMDraftModel`]: an EAGLE-2-style one-layer draft (SpecVLM's *EagleVLM*) that reads the
+    target model's own features. Every knob that shapes the draft's behaviour, including the speculation tree, lives
+    here and is saved with the checkpoint; the tree knobs can be overridden per `generate` call.
+
+    Build one for a given target with [`SpecVLMDraftModel.from_target`] rather than by hand: it copies the target's
+    text dimensions and records where the draft came from.
+
+    Args:
+        vocab_size (`int`, *optional*, defaults to 32000):
+            Vocabulary size of the **target** (the draft proposes target token ids). `generate` compares it with the
+            target's text config, so it must equal the target's.
+        hidden_size (`int`, *optional*, defaults to 4096):
+            Width of the draft's residual stream. Equals the target's text hidden size, because the draft's output is
+            read by the target's LM head and regressed onto the target's features.
+        intermediate_size (`int`, *optional*, defaults to 11008):
+            Width of the draft decoder layer's MLP.
+        num_hidden_layers (`int`, *optional*, defaults to 1):
+            Number of Llama-style decoder layers in the draft (EAGLE-2 and SpecVLM use 1).
+        num_attention_heads (`int`, *optional*, defaults to 32):
+            Attention heads of the draft decoder layer(s).
+        num_key_value_heads (`int`, *optional*):
+            Key/value heads (GQA). Defaults to `num_attention_heads`.
+        head_dim (`int`, *optional*):
+            Per-head width. Defaults to `hidden_size // num_attention_heads`.
+        hidden_act (`str`, *optional*, defaults to `"silu"`):
+            MLP activation.
+        max_position_embeddings (`int`, *optional*, defaults to 8192):
+            Longest position the draft's rotary embedding is prepared for.
+        rms_norm_eps (`float`, *optional*, defaults to 1e-6):
+            Epsilon of the RMS norms.
+        rope_parameters (`dict`, *optional*):
+            Rotary embedding parameters, e.g. `{"rope_type": "default", "rope_theta": 10000.0}`. The draft always uses
+            1-D positions (token indices), also for mRoPE targets such as Qwen2-VL.
+        attention_bias (`bool`, *optional*, defaults to `False`):
+            Whether q/k/v/o projections of the draft layer have a bias.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the normal initialiser.
+        target_hidden_size (`int`, *optional*):
+            Width of one tapped target feature. Defaults to `hidden_size`.
+        target_layer_ids (`list[int]`, *optional*, defaults to `[-1]`):
+            Indices into the target's `hidden_states` tuple whose activations feed the draft (`-1` = the final-norm
+            output, i.e. the LM-head input, as in EAGLE-2/SpecVLM; index 0 is the embedding output). Several indices
+            (EAGLE-3 style) are concatenated and projected to `hidden_size`.
+        input_norm (`bool`, *optional*, defaults to `True`):
+            SpecVLM's one change to EAGLE-2: an RMSNorm on the fused input before the decoder layer(s).
+        draft_vocab_size (`int`, *optional*):
+            Size of an optional reduced draft vocabulary (EAGLE-3 style). `None` uses the target's full LM head.
+        tree_top_k (`int`, *optional*, defaults to 8):
+            Children expanded per frontier node and frontier width of the EAGLE-2 dynamic tree.
+        tree_depth (`int`, *optional*, defaults to 5):
+            Maximum depth of the draft tree, i.e. draft forwards per cycle after the catch-up forward.
+        tree_total_tokens (`int`, *optional*, defaults to 24):
+            Draft tokens kept per tree after reranking, **root excluded** (one verification forward sees
+            `tree_total_tokens + 1` tokens). `tree_top_k=1` gives a chain of `min(tree_depth, tree_total_tokens)`.
+        compressor_config (`dict`, *optional*):
+            Configuration of the elastic visual compressor saved inside the checkpoint (`None`: the draft sees every
+            visual token).
+        target_model_name_or_path (`str`, *optional*):
+            Provenance: name or path of the target this draft was built for.
+        target_model_type (`str`, *optional*):
+            Provenance: `model_type` of that target.
+        target_revision (`str`, *optional*):
+            Provenance: revision (commit hash) of that target when known.
+        specvlm_hf_version (`str`, *optional*):
+            Version of `specvlm_hf` that created the checkpoint.
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoModelForImageTextToText
+    >>> from specvlm_hf import SpecVLMDraftModel
+
+    >>> target = AutoModelForImageTextToText.from_pretrained("llava-hf/llava-1.5-7b-hf")
+    >>> draft = SpecVLMDraftModel.from_target(target, tree_total_tokens=32)
+    >>> draft.config.hidden_size == target.config.text_config.hidden_size
+    True
+    ```
+    """
+
+    model_type = "specvlm_draft"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 1
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 8192
+    rms_norm_eps: float = 1e-6
+    rope_parameters: dict | None = None
+    attention_bias: bool = False
+    initializer_range: float = 0.02
+    target_hidden_size: int | None = None
+    target_layer_ids: list[int] | None = None
+    input_norm: bool = True
+    draft_vocab_size: int | None = None
+    tree_top_k: int = 8
+    tree_depth: int = 5
+    tree_total_tokens: int = 24
+    compressor_config: dict | None = None
+    target_model_name_or_path: str | None = None
+    target_model_type: str | None = None
+    target_revision: str | None = None
+    specvlm_hf_version: str | None = None
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs: Any):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.target_hidden_size is None:
+            self.target_hidden_size = self.hidden_size
+        if self.target_layer_ids is None:
+            self.target_layer_ids = [-1]
+        else:
+            self.target_layer_ids = [int(i) for i in self.target_layer_ids]
+        if self.rope_parameters is None:
+            self.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        """Cross-field checks (run by `@strict` on construction and on `from_pretrained`)."""
+        problems = []
+        if self.num_hidden_layers < 1:
+            problems.append(f"num_hidden_layers must be >= 1 (got {self.num_hidden_layers})")
+        if self.num_attention_heads % max(self.num_key_value_heads or 1, 1) != 0:
+            problems.append(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
+                f"({self.num_key_value_heads})"
+            )
+        if self.tree_top_k < 1:
+            problems.append(f"tree_top_k must be >= 1 (got {self.tree_top_k})")
+        if self.tree_depth < 1:
+            problems.append(f"tree_depth must be >= 1 (got {self.tree_depth})")
+        if self.tree_total_tokens < 1:
+            problems.append(f"tree_total_tokens must be >= 1 (got {self.tree_total_tokens})")
+        if self.target_layer_ids is not None and len(self.target_layer_ids) == 0:
+            problems.append("target_layer_ids must name at least one target layer")
+        if self.draft_vocab_size is not None and not 0 < self.draft_vocab_size <= self.vocab_size:
+            problems.append(
+                f"draft_vocab_size must be in [1, vocab_size={self.vocab_size}] (got {self.draft_vocab_size})"
+            )
+        if problems:
+            raise ValueError("Invalid SpecVLMDraftConfig: " + "; ".join(problems) + ".")
+
+
+__all__ = ["SpecVLMDraftConfig"]

@@ -1,0 +1,389 @@
+# Copyright 2026 the specvlm-hf developers. Licensed under the Apache License, Version 2.0.
+"""SpecVLM draft model (EagleVLM): an EAGLE-2-style feature-level draft composed from stock transformers layers.
+
+Architecture (SpecVLM §3.3, EAGLE-2)::
+
+    [embedding of token t+1 ; target feature f_t]  --fc (2H -> H)-->  input RMSNorm  -->  N Llama decoder layers
+        --> predicted feature f_{t+1}  --> LM head (the target's own, or a reduced draft head)
+
+The target's embedding and LM head are *used at run time* and never stored in the draft checkpoint. This file only
+imports `transformers` and its sibling configuration file, so it can travel with a checkpoint through `auto_map`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from transformers import LlamaConfig, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
+
+from .configuration_specvlm_draft import SpecVLMDraftConfig
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import PreTrainedModel as _Target
+
+#: Class attribute that marks a SpecVLM draft. Checked by duck typing because classes loaded as remote code are
+#: distinct objects from the installed ones.
+DRAFT_MARKER = "_is_specvlm_draft"
+
+
+@dataclass
+class SpecVLMDraftOutput(ModelOutput):
+    """
+    Output of [`SpecVLMDraftModel.forward`].
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
+            Predicted target features: position `t` predicts the target's feature at `t + 1`. Apply
+            [`SpecVLMDraftModel.compute_logits`] to read draft-token logits from them.
+        past_key_values (`Cache`, *optional*):
+            The draft's own key/value cache when `use_cache=True`.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+
+
+def _additive_causal_mask(
+    attention_mask_2d: torch.Tensor | None, q_len: int, past_len: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Builds a `(batch, 1, q_len, past_len + q_len)` additive causal mask (0 = attend, dtype min = masked)."""
+    kv_len = past_len + q_len
+    q_pos = torch.arange(past_len, kv_len, device=device)[:, None]
+    k_pos = torch.arange(kv_len, device=device)[None, :]
+    allowed = (k_pos <= q_pos)[None, None]
+    if attention_mask_2d is not None:
+        if attention_mask_2d.shape[-1] != kv_len:
+            raise ValueError(
+                f"2-D attention_mask has length {attention_mask_2d.shape[-1]}, expected past + current = {kv_len}."
+            )
+        allowed = allowed & attention_mask_2d[:, None, None, :].bool()
+        # rows that see nothing (left padding) would give NaN in softmax: let them see themselves
+        diag = (k_pos == q_pos)[None, None]
+        allowed = allowed | (diag & ~allowed.any(-1, keepdim=True))
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+class SpecVLMDraftPreTrainedModel(PreTrainedModel):
+    """Base class: weight initialisation, attention-backend flags and the routing marker."""
+
+    config: SpecVLMDraftConfig
+    config_class = SpecVLMDraftConfig
+    base_model_prefix = "draft"
+    main_input_name = "inputs_embeds"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LlamaDecoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+    _is_specvlm_draft = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(mean=0.0, std=std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, LlamaRMSNorm):
+            module.weight.fill_(1.0)
+
+
+class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel):
+    r"""
+    The SpecVLM draft (*EagleVLM*). Pass it to any supported target as `assistant_model`:
+
+    ```python
+    >>> import specvlm_hf  # registers the Auto classes and the generate route
+    >>> from transformers import AutoModel
+    >>> draft = AutoModel.from_pretrained("path/to/draft")
+    >>> out = target.generate(**inputs, assistant_model=draft, max_new_tokens=128)
+    ```
+
+    Greedy output is token-identical to `target.generate(**inputs)` and sampled output has the same distribution;
+    the draft only changes how fast the tokens come.
+    """
+
+    def __init__(self, config: SpecVLMDraftConfig):
+        super().__init__(config)
+        hidden = config.hidden_size
+        feature_width = config.target_hidden_size * len(config.target_layer_ids)
+        self.feature_proj = nn.Linear(feature_width, hidden, bias=False) if feature_width != hidden else None
+        self.fc = nn.Linear(2 * hidden, hidden, bias=True)
+        self.input_norm = LlamaRMSNorm(hidden, eps=config.rms_norm_eps) if config.input_norm else None
+        text_config = self._layer_config(config)
+        self.layers = nn.ModuleList([LlamaDecoderLayer(text_config, i) for i in range(config.num_hidden_layers)])
+        self.rotary_emb = LlamaRotaryEmbedding(config=text_config)
+        if config.draft_vocab_size is not None:
+            self.lm_head = nn.Linear(hidden, config.draft_vocab_size, bias=False)
+            self.register_buffer("d2t", torch.arange(config.draft_vocab_size, dtype=torch.long), persistent=True)
+        else:
+            self.lm_head = None
+            self.d2t = None
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @staticmethod
+    def _layer_config(config: SpecVLMDraftConfig) -> LlamaConfig:
+        layer_config = LlamaConfig(
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.num_hidden_layers,
+            num_attention_heads=config.num_attention_heads,
+            num_key_value_heads=config.num_key_value_heads,
+            head_dim=config.head_dim,
+            hidden_act=config.hidden_act,
+            max_position_embeddings=config.max_position_embeddings,
+            rms_norm_eps=config.rms_norm_eps,
+            rope_parameters=dict(config.rope_parameters),
+            attention_bias=config.attention_bias,
+        )
+        layer_config._attn_implementation = config._attn_implementation or "sdpa"
+        return layer_config
+
+    # ------------------------------------------------------------------------------------------------------------
+    # target-facing helpers
+    # ------------------------------------------------------------------------------------------------------------
+    @property
+    def feature_layer_ids(self) -> list[int]:
+        """Indices into the target's `hidden_states` that the draft needs: 0 (embeddings) plus the feature taps."""
+        return sorted({0, *self.config.target_layer_ids}, key=lambda i: (i < 0, i))
+
+    def select_features(self, hidden_states: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
+        """
+        Concatenates the tapped target activations.
+
+        Args:
+            hidden_states (`tuple[torch.Tensor]`): the target's `hidden_states` output (entries may be `None` for layers
+                that were not captured); each of shape `(batch_size, sequence_length, target_hidden_size)`.
+
+        Returns:
+            `torch.Tensor` of shape `(batch_size, sequence_length, target_hidden_size * len(target_layer_ids))`.
+        """
+        taps = []
+        for layer_id in self.config.target_layer_ids:
+            tap = hidden_states[layer_id]
+            if tap is None:
+                raise ValueError(f"Target hidden state {layer_id} was not captured; request {self.feature_layer_ids}.")
+            taps.append(tap)
+        return taps[0] if len(taps) == 1 else torch.cat(taps, dim=-1)
+
+    def compute_logits(self, hidden_states: torch.Tensor, target_lm_head: nn.Module | None = None) -> torch.Tensor:
+        """
+        Draft logits from predicted features.
+
+        Args:
+            hidden_states (`torch.Tensor` of shape `(..., hidden_size)`): output of [`forward`].
+            target_lm_head (`nn.Module`, *optional*): the target's LM head; required unless the draft has a reduced
+                vocabulary of its own (`config.draft_vocab_size`).
+
+        Returns:
+            `torch.Tensor` of shape `(..., vocab)` where `vocab` is `draft_vocab_size` when set (map indices to target
+            ids with [`draft_to_target`]) and the target vocabulary otherwise.
+        """
+        if self.lm_head is not None:
+            return self.lm_head(hidden_states)
+        if target_lm_head is None:
+            raise ValueError("This draft shares the target's LM head: pass `target_lm_head=target.get_output_embeddings()`.")
+        return target_lm_head(hidden_states)
+
+    def draft_to_target(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        """Maps draft-vocabulary indices to target token ids (identity without a reduced vocabulary)."""
+        return draft_ids if self.d2t is None else self.d2t[draft_ids]
+
+    def set_draft_vocab(self, token_ids: torch.Tensor, target_lm_head_weight: torch.Tensor) -> None:
+        """
+        Installs a reduced draft vocabulary (EAGLE-3 style): the draft's head then scores only `token_ids`.
+
+        Args:
+            token_ids (`torch.LongTensor` of shape `(draft_vocab_size,)`): target ids kept, e.g. the most frequent
+                tokens of the training data (see `specvlm_hf.build_draft_vocab`).
+            target_lm_head_weight (`torch.Tensor` of shape `(vocab_size, hidden_size)`): initialises the new head with
+                the target's rows, so an untrained reduced head ranks its tokens exactly like the target's head.
+        """
+        token_ids = torch.as_tensor(token_ids, dtype=torch.long).flatten().unique(sorted=True)
+        if token_ids.numel() == 0 or int(token_ids.max()) >= self.config.vocab_size or int(token_ids.min()) < 0:
+            raise ValueError(f"draft vocabulary ids must lie in [0, {self.config.vocab_size}).")
+        weight = target_lm_head_weight.detach()[token_ids.to(target_lm_head_weight.device)]
+        head = nn.Linear(self.config.hidden_size, token_ids.numel(), bias=False)
+        head = head.to(device=self.fc.weight.device, dtype=self.fc.weight.dtype)
+        head.weight.data.copy_(weight.to(head.weight))
+        self.lm_head = head
+        self.register_buffer("d2t", token_ids.to(self.fc.weight.device), persistent=True)
+        self.config.draft_vocab_size = int(token_ids.numel())
+
+    # ------------------------------------------------------------------------------------------------------------
+    # forward
+    # ------------------------------------------------------------------------------------------------------------
+    def fuse(self, inputs_embeds: torch.Tensor, target_hidden_states: torch.Tensor) -> torch.Tensor:
+        """`[emb ; feature] -> fc -> input norm`: the input of the decoder layer(s), `(batch, seq, hidden_size)`."""
+        if self.feature_proj is not None and target_hidden_states.shape[-1] != self.config.hidden_size:
+            target_hidden_states = self.feature_proj(target_hidden_states)
+        fused = self.fc(torch.cat([inputs_embeds.to(self.fc.weight.dtype), target_hidden_states.to(self.fc.weight.dtype)], dim=-1))
+        return self.input_norm(fused) if self.input_norm is not None else fused
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        target_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool = False,
+        fused_inputs: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> SpecVLMDraftOutput:
+        r"""
+        Args:
+            inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
+                Target input embeddings of tokens `t + 1` (EAGLE's shift: position `t` pairs the embedding of the
+                *next* token with the feature of the current one). For visual positions these are the target's
+                merged visual embeddings (its `hidden_states[0]`).
+            target_hidden_states (`torch.FloatTensor` of shape `(batch_size, sequence_length, feature_width)`):
+                Target features `f_t` (see [`select_features`]) or, inside a draft tree, the draft's own predictions.
+            attention_mask (`torch.Tensor`, *optional*):
+                Either a 2-D padding mask of shape `(batch_size, past + sequence_length)` (1 = keep) combined with a
+                causal mask, or a ready 4-D additive float mask `(batch_size, 1, sequence_length, past + sequence_length)`
+                (used as-is; this is how trees are drafted). `None`: causal.
+            position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                1-D token positions. Defaults to `past + arange(sequence_length)`.
+            past_key_values (`Cache`, *optional*):
+                The draft's own cache (never the target's).
+            use_cache (`bool`, *optional*, defaults to `False`):
+                Whether to append this call's keys/values to `past_key_values`.
+            fused_inputs (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
+                Already fused inputs (output of [`fuse`]); skips the fusion, e.g. after visual compression.
+
+        Returns:
+            [`SpecVLMDraftOutput`]
+        """
+        hidden = fused_inputs if fused_inputs is not None else self.fuse(inputs_embeds, target_hidden_states)
+        batch, q_len = hidden.shape[:2]
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + q_len, device=hidden.device)[None].expand(batch, -1)
+        if attention_mask is None or attention_mask.dim() == 2:
+            attention_mask = _additive_causal_mask(attention_mask, q_len, past_len, hidden.dtype, hidden.device)
+        else:
+            attention_mask = attention_mask.to(hidden.dtype)
+        position_embeddings = self.rotary_emb(hidden, position_ids)
+        for layer in self.layers:
+            hidden = layer(
+                hidden,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values if use_cache else None,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+            )
+        return SpecVLMDraftOutput(last_hidden_state=hidden, past_key_values=past_key_values if use_cache else None)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # construction from / validation against a target
+    # ------------------------------------------------------------------------------------------------------------
+    @classmethod
+    def config_from_target(cls, target: "_Target", **overrides: Any) -> SpecVLMDraftConfig:
+        """Returns a [`SpecVLMDraftConfig`] shaped for `target` (text dims copied), with `overrides` applied."""
+        text = target.config.get_text_config()
+        hidden = text.hidden_size
+        heads = getattr(text, "num_attention_heads", None) or max(hidden // 64, 1)
+        rope = getattr(text, "rope_parameters", None) or {}
+        if isinstance(rope, dict) and "full_attention" in rope:  # per-layer-type rope (Gemma3)
+            rope = rope["full_attention"]
+        theta = (rope or {}).get("rope_theta", getattr(text, "rope_theta", 10000.0)) or 10000.0
+        try:
+            from specvlm_hf import __version__ as lib_version
+        except ImportError:  # loaded as remote code without the library
+            lib_version = None
+        values: dict[str, Any] = dict(
+            vocab_size=text.vocab_size,
+            hidden_size=hidden,
+            intermediate_size=getattr(text, "intermediate_size", 4 * hidden),
+            num_hidden_layers=1,
+            num_attention_heads=heads,
+            num_key_value_heads=getattr(text, "num_key_value_heads", None) or heads,
+            head_dim=getattr(text, "head_dim", None) or hidden // heads,
+            max_position_embeddings=max(getattr(text, "max_position_embeddings", 8192) or 8192, 8192),
+            rms_norm_eps=getattr(text, "rms_norm_eps", 1e-6),
+            rope_parameters={"rope_type": "default", "rope_theta": float(theta)},
+            target_hidden_size=hidden,
+            target_model_name_or_path=getattr(target, "name_or_path", None) or getattr(target.config, "_name_or_path", None) or None,
+            target_model_type=target.config.model_type,
+            target_revision=getattr(target.config, "_commit_hash", None),
+            specvlm_hf_version=lib_version,
+        )
+        compressor_config = overrides.pop("compressor_config", None)
+        if compressor_config is not None:
+            values["compressor_config"] = compressor_config.to_dict() if hasattr(compressor_config, "to_dict") else dict(compressor_config)
+        values.update(overrides)
+        return SpecVLMDraftConfig(**values)
+
+    @classmethod
+    def from_target(cls, target: "_Target", **overrides: Any) -> "SpecVLMDraftModel":
+        r"""
+        Builds a correctly shaped, untrained draft for `target`.
+
+        Args:
+            target (`PreTrainedModel`): any supported target (LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Idefics3/SmolVLM,
+                Gemma3, Llama, Qwen2, ...).
+            overrides: any [`SpecVLMDraftConfig`] field, e.g. `tree_total_tokens=32`, `num_hidden_layers=2`,
+                `target_layer_ids=[2, 8, -1]`, or `compressor_config=ElasticCompressorConfig(...)`.
+
+        Returns:
+            [`SpecVLMDraftModel`] in the target's dtype and on its device.
+        """
+        config = cls.config_from_target(target, **overrides)
+        draft = cls(config)
+        param = next(target.parameters())
+        return draft.to(device=param.device, dtype=param.dtype)
+
+    def compatibility_problems(self, target: "_Target") -> list[str]:
+        """Lists every way this draft does not fit `target` (empty when it fits)."""
+        text = target.config.get_text_config()
+        problems = []
+        if text.hidden_size != self.config.target_hidden_size:
+            problems.append(f"target hidden size is {text.hidden_size}, the draft expects {self.config.target_hidden_size}")
+        if self.lm_head is None and text.hidden_size != self.config.hidden_size:
+            problems.append(f"the draft's width {self.config.hidden_size} cannot feed the target LM head ({text.hidden_size})")
+        if text.vocab_size != self.config.vocab_size:
+            problems.append(f"target vocabulary has {text.vocab_size} tokens, the draft was built for {self.config.vocab_size}")
+        head = target.get_output_embeddings()
+        if head is not None and head.weight.shape[0] < self.config.vocab_size and self.lm_head is None:
+            problems.append(f"target LM head has {head.weight.shape[0]} rows, fewer than the draft's vocabulary")
+        n_states = getattr(text, "num_hidden_layers", None)
+        if n_states is not None:
+            for layer_id in self.config.target_layer_ids:
+                if not -(n_states + 1) <= layer_id <= n_states:
+                    problems.append(f"target_layer_ids entry {layer_id} is outside the target's {n_states + 1} hidden states")
+        return problems
+
+    def check_compatible(self, target: "_Target") -> None:
+        """Raises a `ValueError` that says what differs when this draft was not built for `target`'s shape."""
+        problems = self.compatibility_problems(target)
+        if problems:
+            built_for = self.config.target_model_name_or_path or self.config.target_model_type or "an unknown target"
+            raise ValueError(
+                f"This SpecVLM draft (built for {built_for}) does not match the target "
+                f"{getattr(target, 'name_or_path', '') or target.config.model_type}: " + "; ".join(problems) + ". "
+                "Build a draft for this target with `SpecVLMDraftModel.from_target(target)` and train it."
+            )
+
+
+__all__ = ["SpecVLMDraftModel", "SpecVLMDraftPreTrainedModel", "SpecVLMDraftOutput", "SpecVLMDraftConfig", "DRAFT_MARKER"]
+
+# When this file is loaded as remote code and the library is installed, route generate() through the tree loop.
+try:  # pragma: no cover - exercised in a subprocess test
+    import specvlm_hf as _specvlm_hf
+except ImportError:  # pragma: no cover
+    _specvlm_hf = None
+if _specvlm_hf is not None and hasattr(_specvlm_hf, "install_generate_route"):  # absent while the package initialises
+    _specvlm_hf.install_generate_route()
