@@ -1,0 +1,207 @@
+"""EAGLE-2 dynamic-tree drafting with a SpecVLM draft.
+
+The drafter owns the draft's per-row state (its own KV cache over the accepted context, the next draft position, and
+the draft's last predicted feature). One cycle:
+
+1. `extend(features, next_tokens)`: catch-up forward over the pairs `(f_t, x_{t+1})` committed since the last cycle
+   (EAGLE's shift) -> the last output predicts the root's children.
+2. `propose()`: expand the top-k children of every frontier node for `depth - 1` steps (K^2 candidates per step,
+   frontier = best K by cumulative log-probability), rerank every recorded candidate and keep the best
+   `total_tokens`; the scratch keys/values of the expansion are dropped from the draft cache afterwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicCache
+
+from .tree import DraftTree, select_nodes
+
+
+@dataclass(frozen=True)
+class TreeKnobs:
+    """Tree shape for one generate call (defaults come from the draft config; see `SpecVLMDraftConfig`)."""
+
+    top_k: int
+    depth: int
+    total_tokens: int
+
+    def __post_init__(self):
+        for name in ("top_k", "depth", "total_tokens"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"tree_{name} must be >= 1, got {getattr(self, name)}")
+
+
+class EagleTreeDrafter:
+    """
+    Drafts EAGLE-2 trees for one sequence (batch row).
+
+    Args:
+        draft (`SpecVLMDraftModel`): the draft.
+        embed_tokens (`nn.Module`): the target's input embedding (`target.get_input_embeddings()`).
+        lm_head (`nn.Module`): the target's LM head (`target.get_output_embeddings()`).
+        knobs (`TreeKnobs`): tree shape.
+    """
+
+    def __init__(self, draft: nn.Module, embed_tokens: nn.Module, lm_head: nn.Module, knobs: TreeKnobs):
+        self.draft = draft
+        self.embed_tokens = embed_tokens
+        self.lm_head = lm_head
+        self.knobs = knobs
+        self.cache = DynamicCache()
+        self.next_position = 0  # draft position of the next pair (token index of its feature)
+        self.last_hidden: torch.Tensor | None = None  # (1, hidden): predicted feature of the root
+        self.forwards = 0
+        self.prefill_tokens = 0
+        param = next(draft.parameters())
+        self.device, self.dtype = param.device, param.dtype
+
+    # -------------------------------------------------------------------------------------------------------------
+    def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
+        head_dtype = self.lm_head.weight.dtype if self.draft.lm_head is None else self.dtype
+        logits = self.draft.compute_logits(hidden.to(head_dtype), self.lm_head)
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    def _embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(token_ids.to(self.embed_tokens.weight.device)).to(self.device)
+
+    def prefill(self, inputs_embeds: torch.Tensor, features: torch.Tensor, fused_inputs: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> None:
+        """
+        First catch-up over the prompt.
+
+        Args:
+            inputs_embeds (`torch.FloatTensor` of shape `(1, L, hidden)`): the target's input embeddings of tokens
+                `1..L` (prompt tokens 1..L-1, then the first generated token).
+            features (`torch.FloatTensor` of shape `(1, L, feature_width)`): target features of tokens `0..L-1`.
+            fused_inputs, position_ids: optional already fused (e.g. visually compressed) inputs and their positions.
+        """
+        length = inputs_embeds.shape[1]
+        if position_ids is None:
+            position_ids = torch.arange(length, device=self.device)[None]
+        out = self.draft(
+            inputs_embeds=inputs_embeds.to(self.device),
+            target_hidden_states=features.to(self.device),
+            fused_inputs=fused_inputs,
+            position_ids=position_ids,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.forwards += 1
+        self.prefill_tokens += int(position_ids.shape[-1])
+        self.next_position = length
+        self.last_hidden = out.last_hidden_state[:, -1]
+
+    def extend(self, features: torch.Tensor, next_tokens: torch.Tensor) -> None:
+        """
+        Catch-up over newly committed pairs `(f_t, x_{t+1})`.
+
+        Args:
+            features (`torch.FloatTensor` of shape `(1, k, feature_width)`): target features of the root and the
+                accepted nodes.
+            next_tokens (`torch.LongTensor` of shape `(k,)`): the tokens that follow each of them (accepted tokens
+                then the bonus token).
+        """
+        k = next_tokens.numel()
+        positions = torch.arange(self.next_position, self.next_position + k, device=self.device)[None]
+        out = self.draft(
+            inputs_embeds=self._embed(next_tokens.view(1, -1)),
+            target_hidden_states=features.to(self.device),
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.forwards += 1
+        self.next_position += k
+        self.last_hidden = out.last_hidden_state[:, -1]
+
+    # -------------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def propose(self) -> DraftTree:
+        """Grows, reranks and returns one EAGLE-2 tree; the draft cache is left holding the committed context only."""
+        if self.last_hidden is None:
+            raise RuntimeError("call prefill() before propose()")
+        top_k, depth, budget = self.knobs.top_k, self.knobs.depth, self.knobs.total_tokens
+        ctx_len = self.cache.get_seq_length()
+        neg = torch.finfo(self.dtype).min
+
+        logp = self._logprobs(self.last_hidden)[0]  # (V',)
+        k0 = min(top_k, logp.numel())
+        top = torch.topk(logp, k0)
+        rec_tokens = [self.draft.draft_to_target(top.indices)]
+        rec_scores = [top.values]
+        rec_parents = [torch.full((k0,), -1, dtype=torch.long)]
+        n_rec = k0
+        frontier = torch.arange(k0)  # record indices of the frontier
+        frontier_scores = top.values
+        frontier_feed = self.last_hidden.expand(k0, -1)  # feature fed with each frontier token (its parent's output)
+        frontier_tokens = rec_tokens[0]
+        scratch_anc = torch.zeros((0, 0), dtype=torch.bool)  # ancestry among fed scratch nodes
+        rec_to_scratch: dict[int, int] = {}
+        parent_list = rec_parents[0].tolist()
+
+        for step in range(1, depth):
+            n_front = frontier.numel()
+            n_fed = scratch_anc.shape[0]
+            # ancestry rows of the new frontier nodes: their parent's row plus themselves
+            rows = torch.zeros((n_front, n_fed + n_front), dtype=torch.bool)
+            for j, rec in enumerate(frontier.tolist()):
+                par = parent_list[rec]
+                if par >= 0:
+                    rows[j, :n_fed] = scratch_anc[rec_to_scratch[par]]
+                rows[j, n_fed + j] = True
+                rec_to_scratch[rec] = n_fed + j
+            grown = torch.zeros((n_fed + n_front, n_fed + n_front), dtype=torch.bool)
+            grown[:n_fed, :n_fed] = scratch_anc
+            grown[n_fed:] = rows
+            scratch_anc = grown
+
+            allowed = torch.cat([torch.ones((n_front, ctx_len), dtype=torch.bool), rows], dim=1)
+            mask = torch.zeros((1, 1, n_front, ctx_len + n_fed + n_front), dtype=self.dtype, device=self.device)
+            mask = mask.masked_fill(~allowed.to(self.device)[None, None], neg)
+            positions = torch.full((1, n_front), self.next_position + step - 1, dtype=torch.long, device=self.device)
+            out = self.draft(
+                inputs_embeds=self._embed(frontier_tokens.view(1, -1)),
+                target_hidden_states=frontier_feed[None],
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=self.cache,
+                use_cache=True,
+            )
+            self.forwards += 1
+            hidden = out.last_hidden_state[0]  # (n_front, H)
+            child_logp = self._logprobs(hidden)  # (n_front, V')
+            kc = min(top_k, child_logp.shape[-1])
+            child = torch.topk(child_logp, kc, dim=-1)
+            cand_scores = (frontier_scores[:, None] + child.values).flatten()  # (n_front * kc,)
+            cand_tokens = self.draft.draft_to_target(child.indices).flatten()
+            cand_parents = frontier.repeat_interleave(kc)
+            rec_tokens.append(cand_tokens)
+            rec_scores.append(cand_scores)
+            rec_parents.append(cand_parents)
+            parent_list.extend(cand_parents.tolist())
+            if step == depth - 1:
+                break
+            best = torch.topk(cand_scores, min(top_k, cand_scores.numel())).indices
+            frontier = n_rec + best
+            frontier_scores = cand_scores[best]
+            frontier_tokens = cand_tokens[best]
+            frontier_feed = hidden[best // kc]
+            n_rec += cand_scores.numel()
+
+        n_scratch = scratch_anc.shape[0]
+        if n_scratch:
+            self.cache.crop(-n_scratch)
+
+        tokens = torch.cat(rec_tokens).cpu()
+        scores = torch.cat(rec_scores).cpu()
+        parents = torch.cat(rec_parents)
+        keep = select_nodes(scores, parents, budget)
+        slot_of = torch.full((tokens.numel(),), -1, dtype=torch.long)
+        slot_of[keep] = torch.arange(1, keep.numel() + 1)
+        kept_parents = parents[keep]
+        parent_slots = torch.where(kept_parents >= 0, slot_of[kept_parents.clamp(min=0)], torch.zeros_like(kept_parents))
+        return DraftTree.from_parents(tokens[keep], parent_slots, scores[keep])

@@ -1,0 +1,283 @@
+"""The tree-speculation decoding loop behind `target.generate(..., assistant_model=<SpecVLM draft>)`.
+
+It follows the contract of transformers' decoding methods (same arguments as `_assisted_decoding`, same return types)
+and is reached through the route installed at import (`specvlm_hf.generation.route`).
+
+Per row (batch rows are decoded one after another after one batched prefill and vision pass):
+
+1. prefill the target (vision encoding included) with `output_hidden_states` for the draft's taps; emit the first
+   token exactly as plain decoding does;
+2. each cycle: the draft proposes an EAGLE-2 tree; ONE target forward verifies root + nodes with an additive 4-D tree
+   mask and depth positions (3-axis mRoPE for Qwen2-VL/Qwen2.5-VL); walk the tree applying the logits processors to
+   each node's own prefix (argmax, or a multinomial draw that consumes the RNG like plain sampling), checking every
+   stopping criterion after every emitted token; compact the KV cache in place; feed the accepted features to the draft.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from .acceptance import greedy_choices, sample_token, walk_tree
+from .cache_utils import check_cache_supported, compact, select_row, tree_attention_mask
+from .drafter import EagleTreeDrafter, TreeKnobs
+from .stats import SpeculationStats
+from .tree import children_table, position_ids_for_tree
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel, StoppingCriteriaList
+    from transformers.generation.streamers import BaseStreamer
+
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+TREE_KNOBS = ("tree_top_k", "tree_depth", "tree_total_tokens")
+
+
+@dataclass
+class SpecVLMGenerateOutput(GenerateDecoderOnlyOutput):
+    """
+    `GenerateDecoderOnlyOutput` plus the speculation statistics of the call.
+
+    Args:
+        speculation (`SpeculationStats`): target forwards, tokens accepted per cycle, acceptance per depth, ...
+            `speculation.mean_accept_len` counts the bonus token (see `specvlm_hf.generation.stats`).
+    """
+
+    speculation: SpeculationStats | None = None
+
+
+def _tree_knobs(draft: Any, generation_config: "GenerationConfig") -> TreeKnobs:
+    values = {}
+    for name in TREE_KNOBS:
+        override = getattr(generation_config, name, None)
+        values[name[len("tree_"):]] = int(override if override is not None else getattr(draft.config, name))
+    return TreeKnobs(**values)
+
+
+def _validate(target: "PreTrainedModel", draft: Any, generation_config: "GenerationConfig", model_kwargs: dict) -> None:
+    draft.check_compatible(target)
+    if not model_kwargs.get("use_cache", True):
+        raise ValueError("A SpecVLM draft needs the KV cache: call generate with use_cache=True (the default).")
+    if generation_config.cache_implementation not in (None, "dynamic"):
+        raise ValueError(
+            f"cache_implementation={generation_config.cache_implementation!r} is not supported with a SpecVLM draft; "
+            "use the default dynamic cache."
+        )
+    attn = {target.config._attn_implementation, target.config.get_text_config()._attn_implementation}
+    unsupported = attn - set(SUPPORTED_ATTENTION) - {None}
+    if unsupported:
+        raise ValueError(
+            f"attn_implementation={sorted(unsupported)[0]!r} cannot take the tree attention mask used for verification. "
+            "Load the target with attn_implementation='sdpa' (or 'eager'), e.g. "
+            "`target.set_attn_implementation('sdpa')`, to use a SpecVLM draft."
+        )
+    if generation_config.output_attentions or generation_config.output_hidden_states:
+        raise ValueError(
+            "output_attentions / output_hidden_states are not available with a SpecVLM draft (tree verification "
+            "computes several candidate tokens per forward). Generate without the draft to inspect them."
+        )
+    draft_device = next(draft.parameters()).device
+    if draft_device != target.get_output_embeddings().weight.device:
+        raise ValueError(
+            f"The draft is on {draft_device} but the target's LM head is on "
+            f"{target.get_output_embeddings().weight.device}; move the draft with `draft.to(...)`."
+        )
+
+
+def _positive_layer_ids(target: "PreTrainedModel", layer_ids: list[int]) -> list[int]:
+    n_states = target.config.get_text_config().num_hidden_layers + 1
+    return sorted({i % n_states for i in layer_ids})
+
+
+class _RowDecoder:
+    """Decodes one batch row after the shared prefill. State lives here, per call, never on the models."""
+
+    def __init__(self, target, draft, drafter, cache, n_pad, next_position, mrope_axes, layer_ids, logits_processor,
+                 stopping_criteria, generation_config, streamer, stats):
+        self.target, self.draft, self.drafter, self.cache = target, draft, drafter, cache
+        self.n_pad, self.next_position, self.mrope_axes = n_pad, next_position, mrope_axes
+        self.layer_ids = layer_ids
+        self.logits_processor, self.stopping_criteria = logits_processor, stopping_criteria
+        self.do_sample = bool(generation_config.do_sample)
+        self.keep_scores = bool(generation_config.return_dict_in_generate and generation_config.output_scores)
+        self.keep_logits = bool(generation_config.return_dict_in_generate and generation_config.output_logits)
+        self.layer_types = getattr(target.config.get_text_config(), "layer_types", None)
+        self.streamer, self.stats = streamer, stats
+        self.scores: list[torch.Tensor] = []
+        self.raw_logits: list[torch.Tensor] = []
+
+    # one token from one slot's logits, on that slot's own prefix
+    def _choose(self, prefix: torch.Tensor, logits: torch.Tensor) -> int:
+        processed = self.logits_processor(prefix, logits) if len(self.logits_processor) else logits
+        if self.keep_scores:
+            self.scores.append(processed)
+        if self.keep_logits:
+            self.raw_logits.append(logits)
+        if self.do_sample:
+            return sample_token(torch.softmax(processed, dim=-1)[0])
+        return int(processed.argmax(dim=-1).item())
+
+    def _stops(self, ids: torch.Tensor) -> bool:
+        return bool(self.stopping_criteria(ids, None).any())
+
+    def first_token(self, ids: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        token = self._choose(ids, logits)
+        ids = torch.cat([ids, ids.new_tensor([[token]])], dim=-1)
+        if self.streamer is not None:
+            self.streamer.put(ids[:, -1:].cpu())
+        return ids, self._stops(ids)
+
+    @torch.no_grad()
+    def run(self, ids: torch.Tensor) -> torch.Tensor:
+        """Speculates until a stopping criterion fires; `ids` `(1, length)` ends with the not-yet-verified root."""
+        device = self.target.get_output_embeddings().weight.device
+        dtype = self.target.dtype
+        fast_greedy = not self.do_sample and len(self.logits_processor) == 0 and not (self.keep_scores or self.keep_logits)
+        while True:
+            tree = self.drafter.propose()
+            n_block = tree.num_nodes + 1
+            block = torch.cat([ids[0, -1:].cpu(), tree.tokens]).view(1, -1).to(ids.device)
+            mask = tree_attention_mask(self.cache, self.layer_types, tree.ancestors, tree.depths, self.n_pad, dtype, device)
+            positions = position_ids_for_tree(tree.depths, self.next_position, self.mrope_axes).to(device)
+            out = self.target(
+                input_ids=block,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=self.cache,
+                use_cache=True,
+                output_hidden_states=self.layer_ids,
+                return_dict=True,
+            )
+            logits = out.logits[0].float()
+            children = children_table(tree)
+            if fast_greedy:
+                choices = greedy_choices(logits)
+                choose = lambda slot, emitted: choices[slot]  # noqa: E731
+            else:
+                def choose(slot: int, emitted: list[int]) -> int:
+                    prefix = torch.cat([ids, ids.new_tensor([emitted])], dim=-1) if emitted else ids
+                    return self._choose(prefix, logits[slot : slot + 1])
+
+            state = {"ids": ids}
+
+            def stop(emitted: list[int]) -> bool:
+                state["ids"] = torch.cat([ids, ids.new_tensor([emitted])], dim=-1)
+                return self._stops(state["ids"])
+
+            path, emitted, stopped = walk_tree(children, choose, stop)
+            ids = state["ids"]
+            keep = path[: len(emitted)]
+            compact(self.cache, n_block, keep)
+            self.stats.record_cycle(len(path) - 1, len(emitted), tree.num_nodes)
+            if self.streamer is not None:
+                self.streamer.put(ids[:, -len(emitted):].cpu())
+            if stopped:
+                return ids
+            features = self.draft.select_features(out.hidden_states)[0, keep]
+            self.drafter.extend(features[None], torch.tensor(emitted))
+            self.next_position += len(emitted)
+
+
+@torch.no_grad()
+def tree_assisted_decoding(
+    self: "PreTrainedModel",
+    input_ids: torch.LongTensor,
+    logits_processor: "LogitsProcessorList",
+    stopping_criteria: "StoppingCriteriaList",
+    generation_config: "GenerationConfig",
+    synced_gpus: bool = False,
+    streamer: "BaseStreamer | None" = None,
+    inputs_tensor: torch.Tensor | None = None,
+    assistant_model: Any = None,
+    assistant_tokenizer: Any = None,
+    tokenizer: Any = None,
+    **model_kwargs: Any,
+) -> GenerateDecoderOnlyOutput | torch.LongTensor:
+    r"""
+    Tree speculative decoding with a SpecVLM draft; reached through `target.generate(..., assistant_model=draft)`.
+
+    Takes the arguments of transformers' `_assisted_decoding`. Greedy output is token-identical to plain
+    `generate`; sampled output has exactly the target's distribution (every logits processor of the generation config
+    is applied to each candidate's own prefix). Extra per-call knobs: `tree_top_k`, `tree_depth`, `tree_total_tokens`.
+
+    Returns:
+        `torch.LongTensor` of shape `(batch_size, sequence_length)`, or with `return_dict_in_generate=True` a
+        [`SpecVLMGenerateOutput`] carrying `sequences`, optional `scores`/`logits` (batch 1 only), `past_key_values`
+        (batch 1 only) and `speculation` statistics.
+    """
+    target, draft = self, assistant_model
+    if target.config.is_encoder_decoder:
+        raise ValueError("SpecVLM drafts support decoder-only targets (VLMs and causal LMs).")
+    _validate(target, draft, generation_config, model_kwargs)
+    knobs = _tree_knobs(draft, generation_config)
+    cache = model_kwargs.get("past_key_values")
+    check_cache_supported(cache)
+    cache.activate_past_recording()
+    batch_size, prompt_len = input_ids.shape
+    if batch_size > 1 and (generation_config.output_scores or generation_config.output_logits):
+        raise ValueError("output_scores/output_logits with a SpecVLM draft are supported for batch size 1 only.")
+
+    layer_ids = _positive_layer_ids(target, draft.feature_layer_ids)
+    model_inputs = target.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **model_kwargs)
+    model_inputs["output_hidden_states"] = layer_ids
+    outputs = target(**model_inputs, return_dict=True)
+    hidden_states = outputs.hidden_states
+    embeddings = hidden_states[0]
+    features = draft.select_features(hidden_states)
+    last_logits = outputs.logits[:, -1].float()
+    del outputs, model_inputs
+
+    attention_mask = model_kwargs.get("attention_mask")
+    position_ids = model_kwargs.get("position_ids")
+    mrope_axes = 3 if position_ids is not None and position_ids.dim() == 3 else 0
+    embed_tokens, lm_head = target.get_input_embeddings(), target.get_output_embeddings()
+
+    stats = SpeculationStats()
+    rows: list[torch.Tensor] = []
+    row_decoders: list[_RowDecoder] = []
+    for r in range(batch_size):
+        n_pad = int(prompt_len - attention_mask[r].sum()) if attention_mask is not None else 0
+        row_cache = cache if batch_size == 1 else select_row(cache, r)
+        row_cache.crop(0)  # re-trim sliding-window layers, as plain assisted decoding does
+        if position_ids is None:
+            next_position = prompt_len - n_pad
+        elif mrope_axes:
+            next_position = int(position_ids[-3:, r, -1].max()) + 1
+        else:
+            next_position = int(position_ids[r, -1]) + 1
+        drafter = EagleTreeDrafter(draft, embed_tokens, lm_head, knobs)
+        row_stats = SpeculationStats(prefill_tokens=prompt_len - n_pad)
+        decoder = _RowDecoder(target, draft, drafter, row_cache, n_pad, next_position, mrope_axes, layer_ids,
+                              logits_processor, stopping_criteria, generation_config, streamer, row_stats)
+        ids, finished = decoder.first_token(input_ids[r : r + 1], last_logits[r : r + 1])
+        if not finished:
+            first = ids[:, -1:]
+            row_embeds = torch.cat([embeddings[r : r + 1, n_pad + 1 :], embed_tokens(first.to(embed_tokens.weight.device))], dim=1)
+            drafter.prefill(row_embeds, features[r : r + 1, n_pad:])
+            ids = decoder.run(ids)
+        row_stats.draft_forwards = drafter.forwards
+        row_stats.draft_prefill_tokens = drafter.prefill_tokens
+        stats = stats.merge(row_stats)
+        rows.append(ids)
+        row_decoders.append(decoder)
+    if streamer is not None:
+        streamer.end()
+
+    width = max(row.shape[1] for row in rows)
+    pad_id = generation_config._pad_token_tensor
+    pad_value = int(pad_id.flatten()[0]) if pad_id is not None else 0
+    sequences = torch.full((batch_size, width), pad_value, dtype=input_ids.dtype, device=input_ids.device)
+    for r, row in enumerate(rows):
+        sequences[r, : row.shape[1]] = row[0]
+    if not generation_config.return_dict_in_generate:
+        return sequences
+    decoder = row_decoders[0]
+    return SpecVLMGenerateOutput(
+        sequences=sequences,
+        scores=tuple(decoder.scores) if generation_config.output_scores else None,
+        logits=tuple(decoder.raw_logits) if generation_config.output_logits else None,
+        past_key_values=cache if batch_size == 1 else None,
+        speculation=stats,
+    )
