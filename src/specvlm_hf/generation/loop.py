@@ -24,6 +24,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from .acceptance import greedy_choices, sample_token, walk_tree
 from .cache_utils import check_cache_supported, compact, select_row, tree_attention_mask
 from .drafter import EagleTreeDrafter, TreeKnobs
+from .route import GENERATE_KNOBS
 from .stats import SpeculationStats
 from .tree import children_table, position_ids_for_tree
 
@@ -32,7 +33,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from transformers.generation.streamers import BaseStreamer
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
-TREE_KNOBS = ("tree_top_k", "tree_depth", "tree_total_tokens")
 
 
 @dataclass
@@ -50,7 +50,7 @@ class SpecVLMGenerateOutput(GenerateDecoderOnlyOutput):
 
 def _tree_knobs(draft: Any, generation_config: "GenerationConfig") -> TreeKnobs:
     values = {}
-    for name in TREE_KNOBS:
+    for name in GENERATE_KNOBS:
         override = getattr(generation_config, name, None)
         values[name[len("tree_"):]] = int(override if override is not None else getattr(draft.config, name))
     return TreeKnobs(**values)

@@ -12,10 +12,16 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from transformers import GenerationConfig
+from transformers.generation.configuration_utils import GenerationMode
 from transformers.generation.utils import GenerationMixin
 
 DRAFT_MARKER = "_is_specvlm_draft"
 _ROUTE_FLAG = "_specvlm_route"
+#: Per-call tree knobs accepted by `generate(..., assistant_model=draft, tree_depth=4)`. Declared on
+#: `GenerationConfig` (default `None` = use the draft config's value) so `generate` files them into the generation
+#: config instead of rejecting them as unknown model kwargs.
+GENERATE_KNOBS = ("tree_top_k", "tree_depth", "tree_total_tokens")
 
 
 def is_specvlm_draft(model: Any) -> bool:
@@ -24,7 +30,15 @@ def is_specvlm_draft(model: Any) -> bool:
 
 
 def install_generate_route() -> None:
-    """Wraps `GenerationMixin._assisted_decoding` so SpecVLM drafts use the tree loop. Idempotent."""
+    """
+    Wraps `GenerationMixin._assisted_decoding` so SpecVLM drafts use the tree loop, and
+    `GenerationMixin._validate_generation_mode` so settings that would silently drop the draft (beam search, ...)
+    raise instead. Idempotent.
+    """
+    for knob in GENERATE_KNOBS:
+        if not hasattr(GenerationConfig, knob):
+            setattr(GenerationConfig, knob, None)
+    _install_validation()
     previous = GenerationMixin._assisted_decoding
     if getattr(previous, _ROUTE_FLAG, False):
         return
@@ -42,9 +56,31 @@ def install_generate_route() -> None:
     GenerationMixin._assisted_decoding = _assisted_decoding
 
 
+def _install_validation() -> None:
+    previous = GenerationMixin._validate_generation_mode
+    if getattr(previous, _ROUTE_FLAG, False):
+        return
+
+    @functools.wraps(previous)
+    def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
+        if is_specvlm_draft(generation_mode_kwargs.get("assistant_model")) and (
+            generation_mode != GenerationMode.ASSISTED_GENERATION
+        ):
+            raise ValueError(
+                f"A SpecVLM draft was passed as assistant_model, but these settings select {generation_mode.value!r} "
+                f"(num_beams={generation_config.num_beams}), which would silently ignore the draft. Tree speculation "
+                "supports greedy decoding and sampling: set num_beams=1 or drop assistant_model."
+            )
+        return previous(self, generation_mode, generation_config, generation_mode_kwargs)
+
+    setattr(_validate_generation_mode, _ROUTE_FLAG, True)
+    _validate_generation_mode._specvlm_original = previous
+    GenerationMixin._validate_generation_mode = _validate_generation_mode
+
+
 def uninstall_generate_route() -> None:
-    """Restores transformers' own `_assisted_decoding`."""
-    current = GenerationMixin._assisted_decoding
-    original = getattr(current, "_specvlm_original", None)
-    if original is not None:
-        GenerationMixin._assisted_decoding = original
+    """Restores transformers' own `_assisted_decoding` and generation-mode validation."""
+    for name in ("_assisted_decoding", "_validate_generation_mode"):
+        original = getattr(getattr(GenerationMixin, name), "_specvlm_original", None)
+        if original is not None:
+            setattr(GenerationMixin, name, original)

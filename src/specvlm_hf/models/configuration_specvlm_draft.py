@@ -5,7 +5,6 @@ This file is self-contained (it imports only `transformers`) so that it can be s
 `auto_map` and loaded with `trust_remote_code=True` by users who do not have `specvlm_hf` installed.
 """
 
-from __future__ import annotations
 
 from typing import Any
 

@@ -1,0 +1,126 @@
+# Copyright 2026 the specvlm-hf developers. Licensed under the Apache License, Version 2.0.
+"""Configuration of [`OnlineDistillationTrainer`]."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+__all__ = ["OnlineDistillationConfig"]
+
+
+@dataclass
+class OnlineDistillationConfig(TrainingArguments):
+    r"""
+    Arguments of [`OnlineDistillationTrainer`]: SpecVLM's online-logit distillation of a draft against a live,
+    frozen target (SpecVLM §3.5). Only the fields below are new; every [`~transformers.TrainingArguments`] field
+    works as usual. All fields carry `help` metadata, so [`~transformers.HfArgumentParser`] exposes them as flags.
+
+    Defaults follow SpecVLM (λ_logit 0.1, λ_feat 1.0, AdamW β2 0.95, no weight decay, no warmup, lr 8e-5 as for its
+    7B targets; use 5e-5 for 13B targets).
+
+    Parameters:
+        lambda_logit (`float`, *optional*, defaults to `0.1`):
+            Weight of the soft cross-entropy between draft logits and the target's distribution (temperature 1).
+        lambda_feat (`float`, *optional*, defaults to `1.0`):
+            Weight of the SmoothL1 regression of the draft output onto the target's next feature (the LM-head input).
+        feature_noise (`float`, *optional*, defaults to `0.0`):
+            Width of the uniform noise `(U[0, 1) - 0.5) * feature_noise` added, during training only, to the target
+            features the draft reads (not to the regression targets). EAGLE-1/2 and ViSpec use 0.2 (there also scaled
+            by `512 / sequence_length`) because their features were dumped once and reused for 20 epochs; SpecVLM trains
+            online for 1-5 epochs and states no noise, so it is off by default. Set 0.2 to reproduce EAGLE.
+        max_length (`int` or `None`, *optional*, defaults to `2048`):
+            Longest tokenised sample (image tokens included). Longer records are **skipped and counted** (reason
+            `too_long`), never truncated: truncation would cut image placeholders. `None` keeps every length.
+        assistant_only_loss (`bool`, *optional*, defaults to `True`):
+            Train only on positions that predict assistant tokens (the tokens the draft proposes at inference).
+            `False` trains on every text token (image placeholders are always excluded).
+        eval_acceptance_prompts (`int`, *optional*, defaults to `8`):
+            On `evaluate()`, how many held-out prompts (the first records of the evaluation dataset, cut before their
+            first assistant turn) are decoded with `target.generate(..., assistant_model=draft)` to measure the real
+            mean acceptance length. `0` disables the measurement.
+        eval_acceptance_max_new_tokens (`int`, *optional*, defaults to `64`):
+            `max_new_tokens` of those greedy generations.
+    """
+
+    lambda_logit: float = field(
+        default=0.1,
+        metadata={"help": "Weight of the soft cross-entropy between draft logits and the target distribution (T=1)."},
+    )
+    lambda_feat: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the SmoothL1 loss between the draft output and the target's next feature."},
+    )
+    feature_noise: float = field(
+        default=0.0,
+        metadata={
+            "help": "Width of uniform noise added to the target features the draft reads during training "
+            "(EAGLE uses 0.2; 0 disables it)."
+        },
+    )
+    max_length: int | None = field(
+        default=2048,
+        metadata={"help": "Longest sample in tokens (image tokens included); longer records are skipped and counted."},
+    )
+    assistant_only_loss: bool = field(
+        default=True,
+        metadata={"help": "Train only on positions that predict assistant tokens (False: every text token)."},
+    )
+    eval_acceptance_prompts: int = field(
+        default=8,
+        metadata={
+            "help": "Held-out prompts decoded with the draft on evaluate() to measure the real mean acceptance "
+            "length (0 disables it)."
+        },
+    )
+    eval_acceptance_max_new_tokens: int = field(
+        default=64,
+        metadata={"help": "max_new_tokens of the acceptance-measuring generations."},
+    )
+
+    # Overridden TrainingArguments defaults.
+    learning_rate: float = field(
+        default=8e-5,
+        metadata={"help": "Initial AdamW learning rate (SpecVLM: 8e-5 for 7B targets, 5e-5 for 13B targets)."},
+    )
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (SpecVLM and EAGLE use 0.95)."})
+    logging_steps: float = field(
+        default=10,
+        metadata={"help": "Log every X updates steps (an integer, or a float in (0, 1) for a ratio of total steps)."},
+    )
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={
+            "help": "Must stay False: the draft's forward signature has no pixel inputs, so True would silently "
+            "drop them and the teacher would run text-only."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.remove_unused_columns:
+            raise ValueError(
+                "OnlineDistillationConfig requires remove_unused_columns=False: with True, Trainer keeps only the "
+                "columns named in the draft's forward signature and silently drops pixel_values and attention_mask, "
+                "so the teacher would run text-only."
+            )
+        if self.lambda_logit < 0 or self.lambda_feat < 0:
+            raise ValueError(
+                f"lambda_logit and lambda_feat must be >= 0, got {self.lambda_logit} and {self.lambda_feat}."
+            )
+        if self.lambda_logit == 0 and self.lambda_feat == 0:
+            raise ValueError("lambda_logit and lambda_feat are both 0: there would be nothing to train.")
+        if self.feature_noise < 0:
+            raise ValueError(f"feature_noise must be >= 0, got {self.feature_noise}.")
+        if self.max_length is not None and self.max_length < 3:
+            raise ValueError(
+                f"max_length must be >= 3 (the draft predicts token t + 2 from position t) or None, got "
+                f"{self.max_length}."
+            )
+        if self.eval_acceptance_prompts < 0:
+            raise ValueError(f"eval_acceptance_prompts must be >= 0, got {self.eval_acceptance_prompts}.")
+        if self.eval_acceptance_max_new_tokens < 1:
+            raise ValueError(
+                f"eval_acceptance_max_new_tokens must be >= 1, got {self.eval_acceptance_max_new_tokens}."
+            )

@@ -1,0 +1,485 @@
+# Copyright 2026 the specvlm-hf developers. Licensed under the Apache License, Version 2.0.
+"""Online-logit distillation of a SpecVLM draft against a live, frozen target (SpecVLM §3.5)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, Trainer, TrainingArguments
+from transformers.trainer_utils import EvalLoopOutput
+
+from ..generation.route import is_specvlm_draft
+from ..hub import create_model_card
+from .config import OnlineDistillationConfig
+from .data import IGNORE_INDEX, DistillationCollator, DistillationDataset, to_model_inputs, tokenizer_of
+from .losses import chain_acceptance_length, masked_sum, smooth_l1_feature_loss, soft_cross_entropy, top1_agreement
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["OnlineDistillationTrainer"]
+
+
+class OnlineDistillationTrainer(Trainer):
+    r"""
+    Trains a [`SpecVLMDraftModel`] against a live, frozen target with SpecVLM's online-logit distillation (the EAGLE
+    loss with the teacher run at every step instead of from dumped features):
+
+        loss = (lambda_logit * sum_t CE(softmax(z_target), draft logits) + lambda_feat * sum_t SmoothL1(f_draft, f_target))
+               / num_items_in_batch
+
+    **Pairing (identical to the decoding loop).** The teacher runs once on the whole sequence `x_0 .. x_{L-1}` (with
+    its images). With `E = hidden_states[0]` (merged input embeddings), `F = draft.select_features(hidden_states)`,
+    `P = hidden_states[-1]` (the LM-head input) and `Z` the teacher logits, draft position `t = 0 .. L-2` reads
+    `(E[:, t+1], F[:, t])` at 1-D position `t`, regresses `P[:, t+1]` and is trained against `softmax(Z[:, t+1])`,
+    which predicts `x_{t+2}`. Position `t` counts iff `x_{t+2}` is a labelled (assistant) token; sums run over those
+    positions and are divided by their number in the whole accumulated batch, so gradient accumulation is exact.
+
+    The teacher is kept out of the optimiser and out of checkpoints: it is a plain attribute (never a submodule of the
+    draft), put in eval mode with `requires_grad_(False)` and moved to the trainer's device here (unless it was
+    dispatched with a `device_map`). A PEFT teacher (LoRA, merged or not) works as is. `save_model` writes the draft
+    only (config with `auto_map`, safetensors weights) plus a model card.
+
+    Logged metrics (train and `eval_` prefixed): `loss_logit` and `loss_feat` (per predicted token, unweighted),
+    `top1_agreement` (draft argmax = teacher argmax), `est_accept_len` (teacher-forced chain estimate, bonus token
+    included, see [`chain_acceptance_length`]); `evaluate()` adds the real `mean_accept_len` of tree decoding measured
+    with `target.generate(..., assistant_model=draft)` on held-out prompts.
+
+    Args:
+        model ([`SpecVLMDraftModel`]):
+            The draft to train (e.g. `SpecVLMDraftModel.from_target(target)`).
+        teacher ([`~transformers.PreTrainedModel`] or `peft.PeftModel`):
+            The target the draft will serve.
+        args ([`OnlineDistillationConfig`], *optional*):
+            Training arguments; defaults to `OnlineDistillationConfig()`.
+        train_dataset ([`DistillationDataset`], `str`, `list[dict]` or `datasets.Dataset`, *optional*):
+            Training conversations in LLaVA format (a `.json`/`.jsonl` path, records, or a ready
+            [`DistillationDataset`]). Raw data is validated and wrapped with `processing_class`, `args.max_length` and
+            `args.assistant_only_loss`.
+        eval_dataset (same types, or a `dict` of them, *optional*):
+            Held-out conversations; also the source of the acceptance-measuring prompts.
+        processing_class ([`~transformers.ProcessorMixin`] or [`~transformers.PreTrainedTokenizerBase`], *optional*):
+            The **target's** processor. Needed to wrap raw data; it is not saved with the draft.
+        data_collator (`Callable`, *optional*):
+            Defaults to [`DistillationCollator`] with the tokenizer's pad id.
+        **kwargs:
+            Passed to [`~transformers.Trainer`] (`callbacks`, `optimizers`, ...).
+
+    Example:
+
+    ```python
+    >>> import specvlm_hf
+    >>> from specvlm_hf.training import OnlineDistillationConfig, OnlineDistillationTrainer
+
+    >>> draft = specvlm_hf.SpecVLMDraftModel.from_target(target)
+    >>> trainer = OnlineDistillationTrainer(
+    ...     model=draft, teacher=target, args=OnlineDistillationConfig(output_dir="draft", num_train_epochs=1),
+    ...     train_dataset="train.jsonl", eval_dataset="val.jsonl", processing_class=processor,
+    ... )
+    >>> trainer.train()
+    >>> trainer.save_model()
+    ```
+    """
+
+    _tag_names = ["specvlm-hf", "speculative-decoding", "eagle", "vision-language"]
+    # compute_loss returns token-sum / num_items_in_batch, already scaled for gradient accumulation
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        teacher: nn.Module,
+        args: OnlineDistillationConfig | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: ProcessorMixin | PreTrainedTokenizerBase | None = None,
+        data_collator: Any = None,
+        **kwargs: Any,
+    ):
+        if args is None:
+            args = OnlineDistillationConfig()
+        elif not isinstance(args, OnlineDistillationConfig):
+            if isinstance(args, TrainingArguments):
+                raise TypeError(
+                    "OnlineDistillationTrainer needs an OnlineDistillationConfig (it adds the loss weights and the "
+                    "remove_unused_columns=False guard); got a plain TrainingArguments."
+                )
+            raise TypeError(f"args must be an OnlineDistillationConfig, got {type(args).__name__}")
+        if not is_specvlm_draft(model):
+            raise TypeError(
+                f"model must be a SpecVLM draft (SpecVLMDraftModel), got {type(model).__name__}. Build one with "
+                "`SpecVLMDraftModel.from_target(target)`."
+            )
+        if teacher is None or teacher is model:
+            raise ValueError("teacher must be the target model, distinct from the draft being trained.")
+        model.check_compatible(teacher)
+
+        self.processor = processing_class
+        train_dataset = self._as_distillation_dataset(train_dataset, args, "train_dataset")
+        if isinstance(eval_dataset, Mapping):
+            eval_dataset = {
+                name: self._as_distillation_dataset(data, args, f"eval_dataset[{name!r}]")
+                for name, data in eval_dataset.items()
+            }
+        else:
+            eval_dataset = self._as_distillation_dataset(eval_dataset, args, "eval_dataset")
+        if data_collator is None:
+            pad_token_id = tokenizer_of(processing_class).pad_token_id if processing_class is not None else None
+            data_collator = DistillationCollator(pad_token_id=pad_token_id if pad_token_id is not None else 0)
+
+        # The processor is the target's: it is used for data only and not saved next to the draft.
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=None,
+            **kwargs,
+        )
+        # compute_loss consumes num_items_in_batch, so Trainer must count it for every batch
+        self.model_accepts_loss_kwargs = True
+
+        self.teacher = teacher.eval()
+        self.teacher.requires_grad_(False)
+        if getattr(teacher, "hf_device_map", None) is None and not getattr(teacher, "is_quantized", False):
+            self.teacher.to(self.accelerator.device)
+        first_parameter = next(self.teacher.parameters())
+        self._teacher_device, self._teacher_dtype = first_parameter.device, first_parameter.dtype
+        self._hidden_state_ids = sorted(set(model.feature_layer_ids) | {-1}, key=lambda i: (i < 0, i))
+        self._metric_sums: dict[str, dict[str, torch.Tensor]] = {"train": defaultdict(lambda: 0), "eval": defaultdict(lambda: 0)}
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(self._tag_names)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # data
+    # ------------------------------------------------------------------------------------------------------------
+    def _as_distillation_dataset(self, data: Any, args: OnlineDistillationConfig, name: str) -> Dataset | None:
+        if data is None or isinstance(data, DistillationDataset):
+            return data
+        if self.processor is None:
+            raise ValueError(
+                f"{name} is raw LLaVA-format data: pass processing_class=<the target's processor> to tokenise it, or "
+                "pass a ready DistillationDataset."
+            )
+        return DistillationDataset(
+            data,
+            self.processor,
+            max_length=args.max_length,
+            assistant_only_loss=args.assistant_only_loss,
+            show_progress=not args.disable_tqdm,
+        )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # loss
+    # ------------------------------------------------------------------------------------------------------------
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """
+        Runs the teacher (no grad) and the draft on one batch and returns the token-summed loss divided by
+        `num_items_in_batch` (the predicted tokens of the whole accumulated batch; this batch's count when `None`).
+        """
+        mode = "train" if model.training else "eval"
+        batch = {key: value for key, value in inputs.items() if key not in ("labels", "shift_labels")}
+        if "shift_labels" not in inputs:
+            raise KeyError("the batch has no 'shift_labels': use DistillationCollator (or add them the same way).")
+        teacher_inputs = to_model_inputs(batch, self._teacher_device, self._teacher_dtype)
+        with torch.no_grad():
+            teacher_out = self.teacher(
+                **teacher_inputs, output_hidden_states=self._hidden_state_ids, use_cache=False, return_dict=True
+            )
+        draft = self.accelerator.unwrap_model(model)
+        hidden_states = teacher_out.hidden_states
+        embeds = hidden_states[0][:, 1:]  # E[:, t + 1]
+        features = draft.select_features(hidden_states)[:, :-1]  # F[:, t]
+        target_features = hidden_states[-1][:, 1:]  # P[:, t + 1]
+        teacher_logits = teacher_out.logits[:, 1:]  # Z[:, t + 1], predicts x_{t + 2}
+        if model.training and self.args.feature_noise > 0:
+            features = features + (torch.rand_like(features) - 0.5) * self.args.feature_noise
+
+        batch_size, draft_len = embeds.shape[:2]
+        mask = inputs["shift_labels"][:, :draft_len] != IGNORE_INDEX  # (B, L-1): x_{t+2} is labelled
+        position_ids = torch.arange(draft_len, device=embeds.device).expand(batch_size, -1)
+        attention_mask = batch.get("attention_mask")
+        draft_out = model(
+            inputs_embeds=embeds,
+            target_hidden_states=features,
+            attention_mask=attention_mask[:, 1:] if attention_mask is not None else None,
+            position_ids=position_ids,
+        )
+        predicted = draft_out.last_hidden_state  # (B, L-1, hidden)
+
+        feature_loss = smooth_l1_feature_loss(predicted, target_features)  # (B, L-1)
+        # logits only where they are trained: (N, vocab) instead of (B, L-1, vocab)
+        head = self.teacher.get_output_embeddings()
+        selected = predicted[mask]
+        if draft.lm_head is None:
+            selected = selected.to(head.weight.dtype)
+        draft_logits = draft.compute_logits(selected, head)
+        teacher_selected = teacher_logits[mask]
+        d2t = draft.d2t
+        logit_loss = soft_cross_entropy(draft_logits, teacher_selected if d2t is None else teacher_selected[:, d2t])
+
+        logit_sum = logit_loss.sum()
+        feature_sum = masked_sum(feature_loss, mask)
+        num_tokens = mask.sum()
+        denominator = num_items_in_batch if num_items_in_batch is not None else num_tokens
+        if torch.is_tensor(denominator):
+            denominator = denominator.to(feature_sum.device).clamp(min=1)
+        else:
+            denominator = max(int(denominator), 1)
+        loss = (self.args.lambda_logit * logit_sum + self.args.lambda_feat * feature_sum) / denominator
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch counts every process's tokens while DDP averages gradients over processes
+            loss = loss * self.accelerator.num_processes
+
+        with torch.no_grad():
+            agreement = top1_agreement(draft_logits, teacher_selected, d2t)
+            agreement_grid = torch.zeros_like(mask)
+            agreement_grid[mask] = agreement
+            accept = chain_acceptance_length(agreement_grid, mask, draft.config.tree_depth)
+            self._accumulate(
+                mode,
+                tokens=num_tokens,
+                loss_logit=logit_sum,
+                loss_feat=feature_sum,
+                top1_agreement=agreement.sum(),
+                est_accept_len=masked_sum(accept, mask),
+            )
+        return (loss, draft_out) if return_outputs else loss
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor, None, None]:
+        """Evaluation step: the per-token loss of the batch (there are no predictions to gather)."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # ------------------------------------------------------------------------------------------------------------
+    # metrics
+    # ------------------------------------------------------------------------------------------------------------
+    def _accumulate(self, mode: str, **sums: torch.Tensor) -> None:
+        for key, value in sums.items():
+            self._metric_sums[mode][key] = self._metric_sums[mode][key] + value.detach().double()
+
+    def _flush_metrics(self, mode: str) -> dict[str, float]:
+        """Per-token averages of the accumulated sums over all processes; clears them."""
+        sums = self._metric_sums[mode]
+        if not sums:
+            return {}
+        keys = sorted(sums)
+        values = torch.stack([torch.as_tensor(sums[key], dtype=torch.float64) for key in keys])
+        values = self.accelerator.reduce(values.to(self.accelerator.device), reduction="sum").cpu()
+        sums.clear()
+        totals = dict(zip(keys, values.tolist()))
+        tokens = totals.pop("tokens")
+        if tokens <= 0:
+            return {}
+        return {key: value / tokens for key, value in totals.items()}
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds the training metrics accumulated since the last log to periodic training logs."""
+        if "loss" in logs:
+            logs = {**logs, **self._flush_metrics("train")}
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # evaluation
+    # ------------------------------------------------------------------------------------------------------------
+    def evaluate(
+        self,
+        eval_dataset: Any = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> dict[str, float]:
+        """
+        [`~transformers.Trainer.evaluate`] plus the distillation metrics and, when `args.eval_acceptance_prompts > 0`,
+        the real mean acceptance length of tree decoding (`{prefix}_mean_accept_len`, bonus token included).
+        `eval_dataset` may be raw LLaVA-format data (it is wrapped like the constructor's).
+        """
+        if eval_dataset is not None and not isinstance(eval_dataset, (str, Mapping)):
+            eval_dataset = self._as_distillation_dataset(eval_dataset, self.args, "eval_dataset")
+        return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    def evaluation_loop(
+        self,
+        dataloader: DataLoader,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> EvalLoopOutput:
+        self._metric_sums["eval"].clear()
+        output = super().evaluation_loop(
+            dataloader, description, prediction_loss_only=prediction_loss_only, ignore_keys=ignore_keys,
+            metric_key_prefix=metric_key_prefix,
+        )
+        metrics = self._flush_metrics("eval")
+        dataset = dataloader.dataset
+        if self.args.eval_acceptance_prompts > 0 and isinstance(dataset, DistillationDataset):
+            metrics.update(self.measure_acceptance(dataset))
+        output.metrics.update({f"{metric_key_prefix}_{key}": value for key, value in metrics.items()})
+        return output
+
+    @torch.no_grad()
+    def measure_acceptance(
+        self, dataset: DistillationDataset, num_prompts: int | None = None, max_new_tokens: int | None = None
+    ) -> dict[str, float]:
+        """
+        Measures the real acceptance of the draft: greedy `teacher.generate(**prompt, assistant_model=draft)` on the
+        first `num_prompts` prompts of `dataset` (records cut before their first assistant turn), prompts split over
+        processes.
+
+        Args:
+            dataset ([`DistillationDataset`]): source of the prompts.
+            num_prompts (`int`, *optional*): defaults to `args.eval_acceptance_prompts`.
+            max_new_tokens (`int`, *optional*): defaults to `args.eval_acceptance_max_new_tokens`.
+
+        Returns:
+            `dict[str, float]`: `mean_accept_len` (tokens per target forward, bonus token included),
+            `mean_accepted_draft_tokens` (bonus excluded), `acceptance_prompts` and `acceptance_max_new_tokens`.
+        """
+        num_prompts = min(self.args.eval_acceptance_prompts if num_prompts is None else num_prompts, len(dataset))
+        max_new_tokens = self.args.eval_acceptance_max_new_tokens if max_new_tokens is None else max_new_tokens
+        draft = self.accelerator.unwrap_model(self.model)
+        was_training = draft.training
+        draft.eval()
+        totals = torch.zeros(3, dtype=torch.float64)  # target forwards, tokens emitted, accepted draft tokens
+        try:
+            for index in range(self.accelerator.process_index, num_prompts, self.accelerator.num_processes):
+                prompt = to_model_inputs(dataset.prompt(index), self._teacher_device, self._teacher_dtype)
+                out = self.teacher.generate(
+                    **prompt,
+                    assistant_model=draft,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    return_dict_in_generate=True,
+                )
+                stats = out.speculation
+                totals += torch.tensor(
+                    [stats.target_forwards, stats.tokens_emitted, stats.accepted_draft_tokens], dtype=torch.float64
+                )
+        finally:
+            draft.train(was_training)
+        totals = self.accelerator.reduce(totals.to(self.accelerator.device), reduction="sum").cpu()
+        forwards, emitted, accepted = totals.tolist()
+        metrics = {"acceptance_prompts": float(num_prompts), "acceptance_max_new_tokens": float(max_new_tokens)}
+        if forwards > 0:
+            metrics["mean_accept_len"] = emitted / forwards
+            metrics["mean_accepted_draft_tokens"] = accepted / forwards
+        return metrics
+
+    # ------------------------------------------------------------------------------------------------------------
+    # saving and the Hub
+    # ------------------------------------------------------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Saves the draft (never the teacher, nor the target's processor) and its model card."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        super()._save(output_dir, state_dict=state_dict)
+        if self.args.should_save:
+            self._write_model_card(output_dir)
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        speedup: float | None = None,
+        speedup_setup: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """
+        Writes (or updates) `README.md` in `args.output_dir` from `templates/draft_card.md`: target as `base_model`,
+        quick start with `target.generate(..., assistant_model=draft)`, training data and procedure, the last measured
+        acceptance length and, when given, a measured speedup.
+
+        Args:
+            model_name (`str`, *optional*): card title; defaults to the Hub id or the output directory name.
+            dataset_name (`str`, *optional*): name of the training data; defaults to the training file's name.
+            tags (`str` or `list[str]`, *optional*): extra tags.
+            speedup (`float`, *optional*): measured end-to-end speedup over plain decoding.
+            speedup_setup (`str`, *optional*): how the speedup was measured (hardware, dtype, prompts).
+            **kwargs: accepted for compatibility with [`~transformers.Trainer.push_to_hub`] and ignored.
+        """
+        if not self.is_world_process_zero():
+            return
+        self._write_model_card(
+            self.args.output_dir,
+            model_name=model_name,
+            dataset_name=dataset_name,
+            tags=[tags] if isinstance(tags, str) else tags,
+            speedup=speedup,
+            speedup_setup=speedup_setup,
+        )
+
+    def _write_model_card(
+        self,
+        directory: str,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: list[str] | None = None,
+        speedup: float | None = None,
+        speedup_setup: str | None = None,
+    ) -> None:
+        hub_model_id = self.hub_model_id or self.args.hub_model_id
+        if model_name is None:
+            model_name = hub_model_id.split("/")[-1] if hub_model_id else os.path.basename(os.path.abspath(self.args.output_dir))
+        train = self.train_dataset if isinstance(self.train_dataset, DistillationDataset) else None
+        if dataset_name is None and train is not None and train.source is not None:
+            dataset_name = os.path.basename(train.source)
+        acceptance = next(
+            (entry for entry in reversed(self.state.log_history) if "eval_mean_accept_len" in entry), None
+        )
+        create_model_card(
+            self.accelerator.unwrap_model(self.model),
+            directory,
+            model_name=model_name,
+            model_id=hub_model_id,
+            dataset_name=dataset_name,
+            data_summary=(
+                f"{len(train)} usable of {train.num_records} records ({train.skip_summary()})" if train else None
+            ),
+            training=self._training_summary(),
+            mean_accept_len=acceptance["eval_mean_accept_len"] if acceptance else None,
+            acceptance_setup=(
+                f"greedy, {int(acceptance['eval_acceptance_prompts'])} held-out prompts, max_new_tokens="
+                f"{int(acceptance['eval_acceptance_max_new_tokens'])}, step {acceptance['step']}"
+                if acceptance
+                else None
+            ),
+            speedup=speedup,
+            speedup_setup=speedup_setup,
+            tags=tags,
+        )
+
+    def _training_summary(self) -> dict[str, Any]:
+        args = self.args
+        return {
+            "loss": f"{args.lambda_logit} x soft CE (T=1) + {args.lambda_feat} x SmoothL1 (online teacher)",
+            "learning_rate": args.learning_rate,
+            "epochs": args.num_train_epochs,
+            "global_steps": self.state.global_step,
+            "batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "optimizer": f"{getattr(args.optim, 'value', args.optim)} (betas {args.adam_beta1}, {args.adam_beta2}, weight decay {args.weight_decay})",
+            "feature_noise": args.feature_noise,
+            "max_length": args.max_length,
+            "assistant_only_loss": args.assistant_only_loss,
+        }

@@ -1,0 +1,89 @@
+"""Greedy output with a SpecVLM draft equals plain greedy `generate`, token for token, for every target family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specvlm_hf import SpecVLMDraftModel
+from specvlm_hf.testing.tiny_models import FAMILIES, MULTIMODAL_FAMILIES, build_tiny_target, make_inputs, split_rows
+
+from .oracle import use_oracle
+
+CASES = [
+    (family, with_image, batch_size)
+    for family in FAMILIES
+    for with_image in ((False, True) if family in MULTIMODAL_FAMILIES else (False,))
+    for batch_size in (1, 2)
+]
+MAX_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def targets():
+    cache: dict[str, tuple] = {}
+
+    def get(family: str):
+        if family not in cache:
+            target = build_tiny_target(family)
+            torch.manual_seed(1)
+            cache[family] = (target, SpecVLMDraftModel.from_target(target))
+        return cache[family]
+
+    return get
+
+
+def _unpadded_rows(inputs: dict, sequences: torch.Tensor) -> list[list[int]]:
+    mask = inputs["attention_mask"]
+    n_prompt = mask.shape[1]
+    rows = []
+    for r in range(sequences.shape[0]):
+        prompt = inputs["input_ids"][r][mask[r].bool()].tolist()
+        rows.append(prompt + sequences[r, n_prompt:].tolist())
+    return rows
+
+
+@pytest.mark.parametrize("draft_kind", ["random", "oracle"])
+@pytest.mark.parametrize("family,with_image,batch_size", CASES)
+def test_greedy_matches_plain_generate(targets, monkeypatch, family, with_image, batch_size, draft_kind):
+    target, draft = targets(family)
+    inputs = make_inputs(family, target, with_image=with_image, batch_size=batch_size)
+    reference = target.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
+    if draft_kind == "oracle":
+        use_oracle(monkeypatch, _unpadded_rows(inputs, reference))
+    out = target.generate(
+        **inputs, max_new_tokens=MAX_NEW, do_sample=False, assistant_model=draft, return_dict_in_generate=True
+    )
+    assert out.sequences.tolist() == reference.tolist()
+    stats = out.speculation
+    assert stats.target_forwards >= 1
+    assert stats.mean_accept_len >= 1.0
+    if draft_kind == "oracle":
+        # the oracle's chain is always right, so every cycle accepts several tokens
+        assert stats.mean_accept_len > 3.0
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3", "idefics3"])
+def test_batch_rows_equal_their_batch_one_runs(targets, family):
+    target, draft = targets(family)
+    inputs = make_inputs(family, target, with_image=True, batch_size=2)
+    batched = target.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, assistant_model=draft)
+    n_prompt = inputs["input_ids"].shape[1]
+    for r, row_inputs in enumerate(split_rows(family, inputs)):
+        single = target.generate(**row_inputs, max_new_tokens=MAX_NEW, do_sample=False, assistant_model=draft)
+        assert batched[r, n_prompt:].tolist()[: single.shape[1] - row_inputs["input_ids"].shape[1]] == single[
+            0, row_inputs["input_ids"].shape[1] :
+        ].tolist()
+
+
+def test_tree_knobs_per_call_override_config(targets):
+    target, draft = targets("llava")
+    inputs = make_inputs("llava", target, with_image=True)
+    reference = target.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
+    out = target.generate(
+        **inputs, max_new_tokens=MAX_NEW, do_sample=False, assistant_model=draft, return_dict_in_generate=True,
+        tree_top_k=2, tree_depth=3, tree_total_tokens=5,
+    )
+    assert out.sequences.tolist() == reference.tolist()
+    assert out.speculation.drafted_tokens <= 5 * out.speculation.target_forwards
+    assert draft.config.tree_total_tokens != 5  # the draft's own config is untouched
