@@ -13,6 +13,9 @@ import torch  # noqa: E402
 
 import specvlm_hf  # noqa: E402,F401  (registers Auto classes and the generate route)
 
+# Tiny models run fastest single-threaded (thread start-up dominates their millisecond forwards).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed_everything():

@@ -63,9 +63,12 @@ def _install_validation() -> None:
 
     @functools.wraps(previous)
     def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
-        if is_specvlm_draft(generation_mode_kwargs.get("assistant_model")) and (
-            generation_mode != GenerationMode.ASSISTED_GENERATION
-        ):
+        draft = generation_mode_kwargs.get("assistant_model")
+        if not is_specvlm_draft(draft):
+            return previous(self, generation_mode, generation_config, generation_mode_kwargs)
+        # before stock validation, whose vocabulary check would blame tokenizers for a draft built for another target
+        draft.check_compatible(self)
+        if generation_mode != GenerationMode.ASSISTED_GENERATION:
             raise ValueError(
                 f"A SpecVLM draft was passed as assistant_model, but these settings select {generation_mode.value!r} "
                 f"(num_beams={generation_config.num_beams}), which would silently ignore the draft. Tree speculation "

@@ -536,23 +536,21 @@ def split_rows(family: str, inputs: dict[str, torch.Tensor]) -> list[dict[str, t
         `list[dict[str, torch.Tensor]]`: one dict per row.
     """
     _check_family(family)
-    input_ids = inputs["input_ids"]
-    per_token = _PER_TOKEN_KEYS.intersection(inputs)
     patch_counts: list[int] = []
-    if "image_grid_thw" in inputs:
+    if family in ("qwen2_vl", "qwen2_5_vl") and "image_grid_thw" in inputs:
         patch_counts = inputs["image_grid_thw"].prod(-1).tolist()
-    patch_offsets = [sum(patch_counts[:row]) for row in range(len(patch_counts))]
 
     result = []
-    for row in range(input_ids.shape[0]):
+    for row in range(inputs["input_ids"].shape[0]):
         keep = inputs["attention_mask"][row].bool()
-        single: dict[str, torch.Tensor] = {key: inputs[key][row][keep][None] for key in per_token}
+        single: dict[str, torch.Tensor] = {}
         for key, value in inputs.items():
-            if key in per_token:
-                continue
-            if key == "pixel_values" and "image_grid_thw" in inputs:
-                single[key] = value[patch_offsets[row] : patch_offsets[row] + patch_counts[row]]
-            elif key == "pixel_values" and "image_sizes" in inputs:
+            if key in _PER_TOKEN_KEYS:
+                single[key] = value[row][keep][None]
+            elif key == "pixel_values" and patch_counts:
+                offset = sum(patch_counts[:row])
+                single[key] = value[offset : offset + patch_counts[row]]
+            elif key == "pixel_values" and family == "llava_next":
                 height, width = inputs["image_sizes"][row].tolist()
                 single[key] = value[row : row + 1, : _llava_next_num_crops(height, width)]
             else:
