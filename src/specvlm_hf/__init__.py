@@ -17,6 +17,23 @@ from .models import SpecVLMDraftConfig, SpecVLMDraftModel
 register_auto_classes()
 install_generate_route()
 
+# Training pieces import transformers' Trainer (and accelerate): load them only when asked for.
+_LAZY = {
+    "OnlineDistillationConfig": "specvlm_hf.training",
+    "OnlineDistillationTrainer": "specvlm_hf.training",
+    "build_draft_vocab": "specvlm_hf.training",
+    "create_model_card": "specvlm_hf.hub",
+    "push_draft_to_hub": "specvlm_hf.hub",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'specvlm_hf' has no attribute {name!r}")
+
 __all__ = [
     "__version__",
     "SpecVLMDraftConfig",
@@ -25,4 +42,5 @@ __all__ = [
     "install_generate_route",
     "uninstall_generate_route",
     "is_specvlm_draft",
+    *_LAZY,
 ]

@@ -16,7 +16,7 @@ import tempfile
 from importlib import resources
 from typing import Any
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
 from torch import nn
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
@@ -27,14 +27,21 @@ CARD_TAGS: list[str] = ["specvlm-hf", "speculative-decoding", "eagle", "vision-l
 
 SPECVLM_CITATION = """@article{huang2025specvlm,
   title   = {SpecVLM: Fast Speculative Decoding in Vision-Language Models},
-  author  = {Huang, Haiduo and Yang, Fuwei and Liu, Zhenhua and Yin, Xuanwu and Li, Dong and Ren, Pengju and Barsoum, Emad},
+  author  = {Huang, Haiduo and Yang, Fuwei and Liu, Zhenhua and Yin, Xuanwu and Li, Dong and Ren, Pengju and
+             Barsoum, Emad},
   journal = {arXiv preprint arXiv:2509.11815},
   year    = {2025}
 }"""
 
 _START, _END = "<!-- specvlm-hf:start -->", "<!-- specvlm-hf:end -->"
-_VERSIONED = {"specvlm-hf": "specvlm-hf", "Transformers": "transformers", "PyTorch": "torch", "Datasets": "datasets",
-              "Tokenizers": "tokenizers", "PEFT": "peft"}
+_VERSIONED = {
+    "specvlm-hf": "specvlm-hf",
+    "Transformers": "transformers",
+    "PyTorch": "torch",
+    "Datasets": "datasets",
+    "Tokenizers": "tokenizers",
+    "PEFT": "peft",
+}
 
 
 def _is_local_path(name: str) -> bool:
@@ -126,10 +133,12 @@ def create_model_card(
     base_model = target if target and not _is_local_path(target) else None
     model_id = model_id or "path/to/this/draft"
     model_name = model_name or (model_id.split("/")[-1] if model_id != "path/to/this/draft" else "specvlm-draft")
-    hub_dataset = dataset_name if dataset_name and not _is_local_path(dataset_name) and not dataset_name.endswith(
-        (".json", ".jsonl")
-    ) else None
-    card_tags = list(CARD_TAGS) + [tag for tag in tags or [] if tag not in CARD_TAGS]
+    hub_dataset = (
+        dataset_name
+        if dataset_name and not _is_local_path(dataset_name) and not dataset_name.endswith((".json", ".jsonl"))
+        else None
+    )
+    card_tags = list(dict.fromkeys([*CARD_TAGS, *(tags or [])]))
     card_data = ModelCardData(
         base_model=base_model,
         library_name="specvlm-hf",
@@ -138,7 +147,9 @@ def create_model_card(
         datasets=[hub_dataset] if hub_dataset else None,
     )
     # unknown targets get the image-text quick start: this library is for vision-language models first
-    multimodal = config.target_model_type is None or config.target_model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    multimodal = (
+        config.target_model_type is None or config.target_model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    )
     text = _render(
         card_data=card_data.to_yaml(),
         model_name=model_name,
@@ -156,6 +167,7 @@ def create_model_card(
         draft_vocab_size=config.draft_vocab_size,
         vocab_size=config.vocab_size,
         num_parameters=f"{sum(p.numel() for p in draft.parameters()):,}",
+        compressor_mode=(config.compressor_config or {}).get("mode"),
         tree_top_k=config.tree_top_k,
         tree_depth=config.tree_depth,
         tree_total_tokens=config.tree_total_tokens,
@@ -196,8 +208,9 @@ def push_draft_to_hub(
 ):
     r"""
     Uploads a draft with its SpecVLM model card: `config.json` (with `auto_map`), the code files, the safetensors
-    weights and `README.md`, in one commit. Same arguments as `PreTrainedModel.push_to_hub`, plus the card arguments
-    of [`create_model_card`] (`mean_accept_len`, `speedup`, `dataset_name`, ...).
+    weights and `README.md`, in one commit (`HfApi.create_repo` then `HfApi.create_commit`). Same arguments as
+    `PreTrainedModel.push_to_hub`, plus the card arguments of [`create_model_card`] (`mean_accept_len`, `speedup`,
+    `dataset_name`, ...).
 
     Returns:
         `huggingface_hub.CommitInfo` of the upload.
@@ -206,10 +219,15 @@ def push_draft_to_hub(
     repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as directory:
         draft.save_pretrained(directory, max_shard_size=max_shard_size)
+        tags = [*(getattr(draft, "model_tags", None) or []), *(tags or [])]
         create_model_card(draft, directory, model_id=repo_id, tags=tags, **card_kwargs)
-        return api.upload_folder(
+        operations = [
+            CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(directory, name))
+            for name in sorted(os.listdir(directory))
+        ]
+        return api.create_commit(
             repo_id=repo_id,
-            folder_path=directory,
+            operations=operations,
             commit_message=commit_message or "Upload SpecVLM draft",
             commit_description=commit_description,
             token=token,

@@ -83,9 +83,7 @@ def build_tiny_tokenizer(vocab_size: int = 96) -> PreTrainedTokenizerFast:
     vocab = {"<pad>": ids["pad"], "<s>": ids["bos"], "</s>": ids["eos"]}
     vocab.update({word: ids["first_text"] + i for i, word in enumerate(tiny_words(vocab_size))})
     vocab.update({marker: ids["last_text"] + 1 + i for i, marker in enumerate(_ROLE_MARKERS)})
-    vocab.update(
-        {"<|vision_start|>": ids["image_start"], "<|vision_end|>": ids["image_end"], "<video>": ids["video"]}
-    )
+    vocab.update({"<|vision_start|>": ids["image_start"], "<|vision_end|>": ids["image_end"], "<video>": ids["video"]})
     vocab["<image>"] = ids["image"]
     if sorted(vocab.values()) != list(range(vocab_size)):  # pragma: no cover - guards the layout above
         raise AssertionError("tiny vocabulary does not cover every id exactly once")

@@ -27,7 +27,23 @@ _EXPORTS = {
     "top1_agreement": "losses",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "DistillationCollator",
+    "DistillationDataset",
+    "OnlineDistillationConfig",
+    "OnlineDistillationTrainer",
+    "SKIP_REASONS",
+    "build_draft_vocab",
+    "chain_acceptance_length",
+    "load_llava_records",
+    "masked_sum",
+    "parse_llava_record",
+    "regenerate_answers",
+    "smooth_l1_feature_loss",
+    "soft_cross_entropy",
+    "token_frequencies",
+    "top1_agreement",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import OnlineDistillationConfig

@@ -27,9 +27,10 @@ class OnlineDistillationConfig(TrainingArguments):
             Weight of the SmoothL1 regression of the draft output onto the target's next feature (the LM-head input).
         feature_noise (`float`, *optional*, defaults to `0.0`):
             Width of the uniform noise `(U[0, 1) - 0.5) * feature_noise` added, during training only, to the target
-            features the draft reads (not to the regression targets). EAGLE-1/2 and ViSpec use 0.2 (there also scaled
-            by `512 / sequence_length`) because their features were dumped once and reused for 20 epochs; SpecVLM trains
-            online for 1-5 epochs and states no noise, so it is off by default. Set 0.2 to reproduce EAGLE.
+            features the draft reads (not to the regression targets). EAGLE-1/2 and ViSpec use 0.2 (there also
+            scaled by `512 / sequence_length`) because their features were dumped once and reused for 20 epochs;
+            SpecVLM trains online for 1-5 epochs and states no noise, so it is off by default. Set 0.2 to reproduce
+            EAGLE.
         max_length (`int` or `None`, *optional*, defaults to `2048`):
             Longest tokenised sample (image tokens included). Longer records are **skipped and counted** (reason
             `too_long`), never truncated: truncation would cut image placeholders. `None` keeps every length.

@@ -9,8 +9,8 @@ A record looks like::
 
 Each `<image>` placeholder takes the next image; a record with images but no placeholder gets all of them at the start
 of its first user turn (LLaVA's convention). Records are rendered with the processor's own chat template in the
-standard multimodal message format, and labels keep only assistant tokens. Records that cannot be used are **skipped and
-counted by reason** ([`SKIP_REASONS`]); a bad record never stops a run.
+standard multimodal message format, and labels keep only assistant tokens. Records that cannot be used are **skipped
+and counted by reason** ([`SKIP_REASONS`]); a bad record never stops a run.
 """
 
 from __future__ import annotations
@@ -61,9 +61,17 @@ SKIP_REASONS: tuple[str, ...] = (
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _IMAGE_PLACEHOLDER = "<image>"
-#: Keys holding one value per token; the collator pads them along the sequence.
-_PER_TOKEN_PAD = {"input_ids": None, "attention_mask": 0, "labels": -100, "mm_token_type_ids": 0, "token_type_ids": 0}
 IGNORE_INDEX = -100
+#: Keys holding one value per token and their padding values (`None`: the tokenizer's pad id).
+_PER_TOKEN_PAD = {
+    "input_ids": None,
+    "attention_mask": 0,
+    "labels": IGNORE_INDEX,
+    "mm_token_type_ids": 0,
+    "token_type_ids": 0,
+}
+#: Unparseable lines logged one by one before only their count is reported.
+_LOGGED_BAD_LINES = 3
 
 
 class BadRecord(Exception):
@@ -119,15 +127,20 @@ def load_llava_records(path: str | os.PathLike, *, skipped: Counter | None = Non
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} looks like a JSON list but does not parse: {error}") from error
     else:
+        bad_lines = 0
         for line_number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as error:
-                logger.warning("%s:%d: skipping unparseable line (%s)", path, line_number, error)
-                if skipped is not None:
-                    skipped["malformed"] += 1
+                bad_lines += 1
+                if bad_lines <= _LOGGED_BAD_LINES:
+                    logger.warning("%s:%d: skipping unparseable line (%s)", path, line_number, error)
+        if bad_lines:
+            logger.warning("%s: %d unparseable line(s) skipped in total", path, bad_lines)
+            if skipped is not None:
+                skipped["malformed"] += bad_lines
     return [_resolve_image_paths(record, root) for record in records]
 
 
@@ -192,7 +205,9 @@ def parse_llava_record(record: Any, *, text_only: bool = False) -> LlavaConversa
     speakers = [role for role, _ in parsed if role != "system"]
     if not speakers or speakers[0] != "user":
         raise BadRecord("malformed", "the conversation must start with a user turn")
-    last_answer = max((i for i, (role, text) in enumerate(parsed) if role == "assistant" and text.strip()), default=None)
+    last_answer = max(
+        (i for i, (role, text) in enumerate(parsed) if role == "assistant" and text.strip()), default=None
+    )
     if last_answer is None:
         raise BadRecord("no_assistant_turn", "the record has no non-empty assistant turn")
     parsed = parsed[: last_answer + 1]  # trailing user turns teach nothing

@@ -85,7 +85,9 @@ def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         `torch.Tensor`: a 0-d tensor.
     """
     if values.shape != mask.shape:
-        raise ValueError(f"values and mask must have the same shape, got {tuple(values.shape)} and {tuple(mask.shape)}")
+        raise ValueError(
+            f"values and mask must have the same shape, got {tuple(values.shape)} and {tuple(mask.shape)}"
+        )
     return torch.where(mask.bool(), values, torch.zeros((), dtype=values.dtype, device=values.device)).sum()
 
 
@@ -139,11 +141,12 @@ def chain_acceptance_length(agreement: torch.Tensor, mask: torch.Tensor, max_dep
     if max_depth < 1:
         raise ValueError(f"max_depth must be >= 1, got {max_depth}")
     accepted = (agreement.bool() & mask.bool()).float()
+    sequence_length = accepted.shape[1]
     length = torch.ones_like(accepted)
     run = torch.ones_like(accepted)
     for depth in range(max_depth):
         # run[t] = prod_{j <= depth} accepted[t + j]; positions past the end never agree
-        shifted = F.pad(accepted[:, depth:], (0, depth))
+        shifted = F.pad(accepted[:, depth:], (0, min(depth, sequence_length)))
         run = run * shifted
         length = length + run
     return length

@@ -203,12 +203,17 @@ def regenerate_answers(
                     elif message["role"] == "assistant":
                         prompt = encode_prompt(processing_class, history, images[: count_images(history)])
                         prompt_length = prompt["input_ids"].shape[1]
-                        output = target.generate(**to_model_inputs(prompt, parameter.device, parameter.dtype), **generation)
+                        output = target.generate(
+                            **to_model_inputs(prompt, parameter.device, parameter.dtype), **generation
+                        )
                         sequences = output.sequences if hasattr(output, "sequences") else output
                         answer = tokenizer.decode(sequences[0, prompt_length:], skip_special_tokens=True).strip()
                         if not answer:
                             raise BadRecord("no_assistant_turn", "the target generated an empty answer")
-                        message = {"role": "assistant", "content": answer if text_only else [{"type": "text", "text": answer}]}
+                        message = {
+                            "role": "assistant",
+                            "content": answer if text_only else [{"type": "text", "text": answer}],
+                        }
                     history.append(message)
             except BadRecord as bad:
                 counts[bad.reason] += 1
@@ -219,7 +224,8 @@ def regenerate_answers(
             if conversation.images:
                 out["images"] = _portable_images(conversation.images, key, output_path, image_root)
             out["conversations"] = [
-                {"from": _LLAVA_ROLES[message["role"]], "value": _to_llava_value(message["content"])} for message in history
+                {"from": _LLAVA_ROLES[message["role"]], "value": _to_llava_value(message["content"])}
+                for message in history
             ]
             handle.write(json.dumps(out, ensure_ascii=False) + "\n")
             handle.flush()

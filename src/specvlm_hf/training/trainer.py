@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, Trainer, TrainingArguments
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import EvalLoopOutput
 
 from ..generation.route import is_specvlm_draft
@@ -31,8 +32,8 @@ class OnlineDistillationTrainer(Trainer):
     Trains a [`SpecVLMDraftModel`] against a live, frozen target with SpecVLM's online-logit distillation (the EAGLE
     loss with the teacher run at every step instead of from dumped features):
 
-        loss = (lambda_logit * sum_t CE(softmax(z_target), draft logits) + lambda_feat * sum_t SmoothL1(f_draft, f_target))
-               / num_items_in_batch
+        loss = (lambda_logit * sum_t CE(softmax(z_target), draft logits)
+                + lambda_feat * sum_t SmoothL1(f_draft, f_target)) / num_items_in_batch
 
     **Pairing (identical to the decoding loop).** The teacher runs once on the whole sequence `x_0 .. x_{L-1}` (with
     its images). With `E = hidden_states[0]` (merged input embeddings), `F = draft.select_features(hidden_states)`,
@@ -119,6 +120,11 @@ class OnlineDistillationTrainer(Trainer):
         if teacher is None or teacher is model:
             raise ValueError("teacher must be the target model, distinct from the draft being trained.")
         model.check_compatible(teacher)
+        if getattr(model, "compressor", None) is not None:
+            logger.warning(
+                "This draft has a visual compressor, which OnlineDistillationTrainer does not train: the draft "
+                "learns on uncompressed inputs and the compressor's parameters keep their values."
+            )
 
         self.processor = processing_class
         train_dataset = self._as_distillation_dataset(train_dataset, args, "train_dataset")
@@ -153,7 +159,10 @@ class OnlineDistillationTrainer(Trainer):
         first_parameter = next(self.teacher.parameters())
         self._teacher_device, self._teacher_dtype = first_parameter.device, first_parameter.dtype
         self._hidden_state_ids = sorted(set(model.feature_layer_ids) | {-1}, key=lambda i: (i < 0, i))
-        self._metric_sums: dict[str, dict[str, torch.Tensor]] = {"train": defaultdict(lambda: 0), "eval": defaultdict(lambda: 0)}
+        self._metric_sums: dict[str, dict[str, torch.Tensor]] = {
+            "train": defaultdict(lambda: 0),
+            "eval": defaultdict(lambda: 0),
+        }
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
 
@@ -175,6 +184,15 @@ class OnlineDistillationTrainer(Trainer):
             assistant_only_loss=args.assistant_only_loss,
             show_progress=not args.disable_tqdm,
         )
+
+    def _get_train_sampler(self, train_dataset: Dataset | None = None) -> torch.utils.data.Sampler | None:
+        """`group_by_length` uses the token lengths measured during validation instead of re-encoding every item."""
+        train_dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and isinstance(train_dataset, DistillationDataset):
+            return LengthGroupedSampler(
+                self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=train_dataset.lengths
+            )
+        return super()._get_train_sampler(train_dataset)
 
     # ------------------------------------------------------------------------------------------------------------
     # loss
@@ -200,11 +218,12 @@ class OnlineDistillationTrainer(Trainer):
                 **teacher_inputs, output_hidden_states=self._hidden_state_ids, use_cache=False, return_dict=True
             )
         draft = self.accelerator.unwrap_model(model)
+        device = inputs["shift_labels"].device  # the draft's; a dispatched teacher may answer on another device
         hidden_states = teacher_out.hidden_states
-        embeds = hidden_states[0][:, 1:]  # E[:, t + 1]
-        features = draft.select_features(hidden_states)[:, :-1]  # F[:, t]
-        target_features = hidden_states[-1][:, 1:]  # P[:, t + 1]
-        teacher_logits = teacher_out.logits[:, 1:]  # Z[:, t + 1], predicts x_{t + 2}
+        embeds = hidden_states[0][:, 1:].to(device)  # E[:, t + 1]
+        features = draft.select_features(hidden_states)[:, :-1].to(device)  # F[:, t]
+        target_features = hidden_states[-1][:, 1:].to(device)  # P[:, t + 1]
+        teacher_logits = teacher_out.logits[:, 1:].to(device)  # Z[:, t + 1], predicts x_{t + 2}
         if model.training and self.args.feature_noise > 0:
             features = features + (torch.rand_like(features) - 0.5) * self.args.feature_noise
 
@@ -224,11 +243,11 @@ class OnlineDistillationTrainer(Trainer):
         # logits only where they are trained: (N, vocab) instead of (B, L-1, vocab)
         head = self.teacher.get_output_embeddings()
         selected = predicted[mask]
-        if draft.lm_head is None:
-            selected = selected.to(head.weight.dtype)
-        draft_logits = draft.compute_logits(selected, head)
+        if draft.lm_head is None:  # the target's head: its device and dtype
+            selected = selected.to(head.weight.device, head.weight.dtype)
+        draft_logits = draft.compute_logits(selected, head).to(device)
         teacher_selected = teacher_logits[mask]
-        d2t = draft.d2t
+        d2t = draft.d2t.to(device) if draft.d2t is not None else None
         logit_loss = soft_cross_entropy(draft_logits, teacher_selected if d2t is None else teacher_selected[:, d2t])
 
         logit_sum = logit_loss.sum()
@@ -288,7 +307,7 @@ class OnlineDistillationTrainer(Trainer):
         values = torch.stack([torch.as_tensor(sums[key], dtype=torch.float64) for key in keys])
         values = self.accelerator.reduce(values.to(self.accelerator.device), reduction="sum").cpu()
         sums.clear()
-        totals = dict(zip(keys, values.tolist()))
+        totals = dict(zip(keys, values.tolist(), strict=True))
         tokens = totals.pop("tokens")
         if tokens <= 0:
             return {}
@@ -316,7 +335,9 @@ class OnlineDistillationTrainer(Trainer):
         """
         if eval_dataset is not None and not isinstance(eval_dataset, (str, Mapping)):
             eval_dataset = self._as_distillation_dataset(eval_dataset, self.args, "eval_dataset")
-        return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        return super().evaluate(
+            eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
+        )
 
     def evaluation_loop(
         self,
@@ -328,7 +349,10 @@ class OnlineDistillationTrainer(Trainer):
     ) -> EvalLoopOutput:
         self._metric_sums["eval"].clear()
         output = super().evaluation_loop(
-            dataloader, description, prediction_loss_only=prediction_loss_only, ignore_keys=ignore_keys,
+            dataloader,
+            description,
+            prediction_loss_only=prediction_loss_only,
+            ignore_keys=ignore_keys,
             metric_key_prefix=metric_key_prefix,
         )
         metrics = self._flush_metrics("eval")
@@ -440,7 +464,11 @@ class OnlineDistillationTrainer(Trainer):
     ) -> None:
         hub_model_id = self.hub_model_id or self.args.hub_model_id
         if model_name is None:
-            model_name = hub_model_id.split("/")[-1] if hub_model_id else os.path.basename(os.path.abspath(self.args.output_dir))
+            model_name = (
+                hub_model_id.split("/")[-1]
+                if hub_model_id
+                else os.path.basename(os.path.abspath(self.args.output_dir))
+            )
         train = self.train_dataset if isinstance(self.train_dataset, DistillationDataset) else None
         if dataset_name is None and train is not None and train.source is not None:
             dataset_name = os.path.basename(train.source)
@@ -478,7 +506,8 @@ class OnlineDistillationTrainer(Trainer):
             "global_steps": self.state.global_step,
             "batch_size": args.per_device_train_batch_size,
             "gradient_accumulation_steps": args.gradient_accumulation_steps,
-            "optimizer": f"{getattr(args.optim, 'value', args.optim)} (betas {args.adam_beta1}, {args.adam_beta2}, weight decay {args.weight_decay})",
+            "optimizer": f"{getattr(args.optim, 'value', args.optim)} (betas {args.adam_beta1}, {args.adam_beta2}, "
+            f"weight decay {args.weight_decay})",
             "feature_noise": args.feature_noise,
             "max_length": args.max_length,
             "assistant_only_loss": args.assistant_only_loss,

@@ -1,9 +1,9 @@
 # Copyright 2026 the specvlm-hf developers. Licensed under the Apache License, Version 2.0.
 """Reduced draft vocabularies (EAGLE-3): the draft scores only the most frequent target tokens of the training data.
 
-A reduced head makes every draft step cheaper (on CPU the full-vocabulary head costs as much as a large part of a target
-decode step, transformers-notes.md §8) and cannot break losslessness: the target still verifies every token; a token
-outside the draft vocabulary can only come from the target's bonus.
+A reduced head makes every draft step cheaper (on CPU the full-vocabulary head costs as much as a large part of a
+target decode step) and cannot break losslessness: the target still verifies every token; a token outside the draft
+vocabulary can only come from the target's bonus.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["build_draft_vocab", "token_frequencies"]
 
 
-def token_frequencies(source: DistillationDataset | Mapping[int, int] | torch.Tensor | Iterable[Any], vocab_size: int) -> torch.Tensor:
+def token_frequencies(
+    source: DistillationDataset | Mapping[int, int] | torch.Tensor | Iterable[Any], vocab_size: int
+) -> torch.Tensor:
     r"""
     Frequencies of the tokens a draft is trained to predict.
 
@@ -102,6 +104,8 @@ def build_draft_vocab(
     if total > 0:
         logger.info(
             "Draft vocabulary: %d of %d tokens covering %.2f%% of the training targets.",
-            size, vocab_size, 100.0 * float(frequencies[token_ids].sum()) / total,
+            size,
+            vocab_size,
+            100.0 * float(frequencies[token_ids].sum()) / total,
         )
     return token_ids
