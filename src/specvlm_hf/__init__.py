@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 from ._registration import register_auto_classes
 from .generation.route import install_generate_route, is_specvlm_draft, uninstall_generate_route
 from .generation.stats import SpeculationStats
-from .models import SpecVLMDraftConfig, SpecVLMDraftModel
+from .models import ElasticCompressorConfig, ElasticVisualCompressor, SpecVLMDraftConfig, SpecVLMDraftModel
 
 register_auto_classes()
 install_generate_route()
@@ -38,6 +38,8 @@ __all__ = [
     "__version__",
     "SpecVLMDraftConfig",
     "SpecVLMDraftModel",
+    "ElasticCompressorConfig",
+    "ElasticVisualCompressor",
     "SpeculationStats",
     "install_generate_route",
     "uninstall_generate_route",

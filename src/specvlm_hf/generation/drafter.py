@@ -3,6 +3,9 @@
 The drafter owns the draft's per-row state (its own KV cache over the accepted context, the next draft position, and
 the draft's last predicted feature). One cycle:
 
+0. `prefill(...)`: the first catch-up over the prompt; with a draft that has a visual compressor, the image spans of
+   the prompt are compressed first, so the draft's cache holds fewer entries than there are prompt positions (every
+   later call passes explicit logical positions, counted by `next_position`).
 1. `extend(features, next_tokens)`: catch-up forward over the pairs `(f_t, x_{t+1})` committed since the last cycle
    (EAGLE's shift) -> the last output predicts the root's children.
 2. `propose()`: expand the top-k children of every frontier node for `depth - 1` steps (K^2 candidates per step,
@@ -18,6 +21,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
+from ..models.compressor_metrics import choice_histogram
 from .tree import DraftTree, select_nodes
 
 
@@ -55,7 +59,8 @@ class EagleTreeDrafter:
         self.next_position = 0  # draft position of the next pair (token index of its feature)
         self.last_hidden: torch.Tensor | None = None  # (1, hidden): predicted feature of the root
         self.forwards = 0
-        self.prefill_tokens = 0
+        self.prefill_tokens = 0  # entries the prefill wrote to the draft cache
+        self.compressor_choices: dict[str, int] = {}  # primitive chosen by the compressor, when it ran
         param = next(draft.parameters())
         self.device, self.dtype = param.device, param.dtype
 
@@ -68,8 +73,13 @@ class EagleTreeDrafter:
     def _embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(token_ids.to(self.embed_tokens.weight.device)).to(self.device)
 
-    def prefill(self, inputs_embeds: torch.Tensor, features: torch.Tensor, fused_inputs: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> None:
+    def prefill(
+        self,
+        inputs_embeds: torch.Tensor,
+        features: torch.Tensor,
+        visual_mask: torch.Tensor | None = None,
+        grid_sizes: list[tuple[int, int] | None] | None = None,
+    ) -> None:
         """
         First catch-up over the prompt.
 
@@ -77,21 +87,39 @@ class EagleTreeDrafter:
             inputs_embeds (`torch.FloatTensor` of shape `(1, L, hidden)`): the target's input embeddings of tokens
                 `1..L` (prompt tokens 1..L-1, then the first generated token).
             features (`torch.FloatTensor` of shape `(1, L, feature_width)`): target features of tokens `0..L-1`.
-            fused_inputs, position_ids: optional already fused (e.g. visually compressed) inputs and their positions.
+            visual_mask (`torch.BoolTensor` of shape `(1, L)`, *optional*): positions whose paired token is a visual
+                placeholder (never the last one, which pairs the first generated token). When the draft has a
+                compressor and some position is visual, the draft sees the compressed sequence (the draft's
+                `visual_mask` argument, gated by `features`, always with the compressor's inference behaviour) at its
+                logical positions.
+            grid_sizes (`list[tuple[int, int] | None]`, *optional*): per image span of the row, its `(rows, cols)`
+                raster grid or `None` (compressed along the sequence).
         """
+        inputs_embeds, features = inputs_embeds.to(self.device), features.to(self.device)
         length = inputs_embeds.shape[1]
-        if position_ids is None:
-            position_ids = torch.arange(length, device=self.device)[None]
-        out = self.draft(
-            inputs_embeds=inputs_embeds.to(self.device),
-            target_hidden_states=features.to(self.device),
-            fused_inputs=fused_inputs,
-            position_ids=position_ids,
-            past_key_values=self.cache,
-            use_cache=True,
-        )
+        call = {
+            "inputs_embeds": inputs_embeds,
+            "target_hidden_states": features,
+            "position_ids": torch.arange(length, device=self.device)[None],
+            "past_key_values": self.cache,
+            "use_cache": True,
+        }
+        compressor = self.draft.compressor if visual_mask is not None and bool(visual_mask.any()) else None
+        if compressor is None:
+            out = self.draft(**call)
+        else:
+            if bool(visual_mask[0, -1]):
+                raise ValueError("the last prefill position pairs the first generated token and cannot be visual")
+            # inference behaviour (argmax gate, per-image seeded pruning) whatever mode the module is in
+            training = compressor.training
+            compressor.eval()
+            try:
+                out = self.draft(**call, visual_mask=visual_mask.to(self.device), grid_sizes=[grid_sizes])
+            finally:
+                compressor.train(training)
+            self.compressor_choices = choice_histogram(out.compressor_output.choice, compressor.config)
         self.forwards += 1
-        self.prefill_tokens += int(position_ids.shape[-1])
+        self.prefill_tokens = self.cache.get_seq_length()
         self.next_position = length
         self.last_hidden = out.last_hidden_state[:, -1]
 

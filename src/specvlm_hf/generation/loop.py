@@ -11,10 +11,15 @@ Per row (batch rows are decoded one after another after one batched prefill and 
    mask and depth positions (3-axis mRoPE for Qwen2-VL/Qwen2.5-VL); walk the tree applying the logits processors to
    each node's own prefix (argmax, or a multinomial draw that consumes the RNG like plain sampling), checking every
    stopping criterion after every emitted token; compact the KV cache in place; feed the accepted features to the draft.
+
+With a draft that has an elastic visual compressor, step 1 hands the drafter a mask of the prompt's visual positions
+(and, where the layout gives one, each image's raster grid: square runs of LLaVA / Gemma3 / Idefics3, the mRoPE
+height/width positions of Qwen images) so that the draft's prefill is compressed; the target is never compressed.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +38,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from transformers.generation.streamers import BaseStreamer
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
+#: Model types whose image placeholder runs are square raster grids of the image's tokens (one run per image or tile).
+SQUARE_GRID_MODEL_TYPES = ("llava", "gemma3", "idefics3", "smolvlm")
 
 
 @dataclass
@@ -84,6 +91,90 @@ def _validate(target: "PreTrainedModel", draft: Any, generation_config: "Generat
             f"The draft is on {draft_device} but the target's LM head is on "
             f"{target.get_output_embeddings().weight.device}; move the draft with `draft.to(...)`."
         )
+
+
+def _visual_token_ids(target: "PreTrainedModel") -> list[int]:
+    """Placeholder ids of the target's visual tokens (image, and video where the family has one), from its config."""
+    ids = []
+    for name in ("image_token_id", "image_token_index", "video_token_id", "video_token_index"):
+        value = getattr(target.config, name, None)
+        if isinstance(value, int) and value not in ids:
+            ids.append(value)
+    return ids
+
+
+def _visual_runs(paired_ids: torch.Tensor, visual_ids: list[int]) -> list[tuple[int, int]]:
+    """`(start, length)` of every maximal run of visual placeholders in `paired_ids`, in order."""
+    runs: list[tuple[int, int]] = []
+    previous_visual = False
+    for index, token in enumerate(paired_ids.tolist()):
+        visual = token in visual_ids
+        if visual and previous_visual:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        elif visual:
+            runs.append((index, 1))
+        previous_visual = visual
+    return runs
+
+
+def _raster_grid(positions: torch.Tensor) -> tuple[int, int] | None:
+    """
+    `(rows, cols)` when the mRoPE `(temporal, height, width)` positions `(3, n)` of a run walk one frame's grid in
+    raster order (Qwen2-VL / Qwen2.5-VL images), else `None` (several video frames, any other layout).
+    """
+    temporal, height, width = positions.cpu()
+    if not bool((temporal == temporal[0]).all()):
+        return None
+    rows, cols = int(height.max() - height.min()) + 1, int(width.max() - width.min()) + 1
+    index = torch.arange(positions.shape[1])
+    if rows * cols != index.numel():
+        return None
+    if torch.equal(height - height.min(), index // cols) and torch.equal(width - width.min(), index % cols):
+        return rows, cols
+    return None
+
+
+def _image_grids(
+    model_type: str,
+    paired_rows: list[torch.Tensor],
+    visual_ids: list[int],
+    paired_positions: list[torch.Tensor] | None = None,
+) -> list[list[tuple[int, int] | None]]:
+    """
+    Per row of paired prompt tokens, per run of visual placeholders, the `(rows, cols)` raster grid of the run's
+    tokens, or `None` where the layout is not a plain grid (LLaVA-NeXT's unpadded crops with newline tokens, videos, a
+    run cut by the start of the prompt, unknown families), which the compressor then compresses along the sequence.
+
+    Args:
+        model_type (`str`): the target's `config.model_type`; its runs are square grids when it is one of
+            `SQUARE_GRID_MODEL_TYPES` and the run length is a perfect square.
+        paired_rows (`list[torch.LongTensor]`): per row, the prompt tokens `x_1 .. x_{L-1}`.
+        visual_ids (`list[int]`): placeholder ids of visual tokens.
+        paired_positions (`list[torch.LongTensor]`, *optional*): per row, the mRoPE `(temporal, height, width)`
+            positions `(3, L-1)` of those tokens; when given, a run's grid is read from them.
+    """
+    grids = []
+    for row, paired_ids in enumerate(paired_rows):
+        row_grids: list[tuple[int, int] | None] = []
+        for start, length in _visual_runs(paired_ids, visual_ids):
+            grid = None
+            if paired_positions is not None:
+                grid = _raster_grid(paired_positions[row][:, start : start + length])
+            elif model_type in SQUARE_GRID_MODEL_TYPES:
+                side = math.isqrt(length)
+                grid = (side, side) if side * side == length else None
+            row_grids.append(grid)
+        grids.append(row_grids)
+    return grids
+
+
+def _paired_visual_mask(paired_ids: torch.Tensor, visual_ids: list[int]) -> torch.Tensor:
+    """
+    `(1, L)` mask of the draft prefill positions `t` whose paired token `x_{t+1}` is visual, from the paired prompt
+    tokens `x_1 .. x_{L-1}`; the last position (paired with the first generated token) is never visual.
+    """
+    visual = torch.isin(paired_ids, torch.tensor(visual_ids, device=paired_ids.device))
+    return torch.cat([visual, visual.new_zeros(1)])[None]
 
 
 def _positive_layer_ids(target: "PreTrainedModel", layer_ids: list[int]) -> list[int]:
@@ -234,11 +325,20 @@ def tree_assisted_decoding(
     mrope_axes = 3 if position_ids is not None and position_ids.dim() == 3 else 0
     embed_tokens, lm_head = target.get_input_embeddings(), target.get_output_embeddings()
 
+    n_pads = [int(prompt_len - attention_mask[r].sum()) if attention_mask is not None else 0 for r in range(batch_size)]
+    # prompt tokens x_1 .. x_{L-1} of each row: the tokens paired with the draft's prefill positions 0 .. L-2
+    paired_rows = [input_ids[r, n_pads[r] + 1 :] for r in range(batch_size)]
+    visual_ids = _visual_token_ids(target) if getattr(draft, "compressor", None) is not None else []
+    grids = None
+    if visual_ids:
+        paired_positions = [position_ids[-3:, r, n_pads[r] + 1 :] for r in range(batch_size)] if mrope_axes else None
+        grids = _image_grids(target.config.model_type, paired_rows, visual_ids, paired_positions)
+
     stats = SpeculationStats()
     rows: list[torch.Tensor] = []
     row_decoders: list[_RowDecoder] = []
     for r in range(batch_size):
-        n_pad = int(prompt_len - attention_mask[r].sum()) if attention_mask is not None else 0
+        n_pad = n_pads[r]
         row_cache = cache if batch_size == 1 else select_row(cache, r)
         row_cache.crop(0)  # re-trim sliding-window layers, as plain assisted decoding does
         if position_ids is None:
@@ -255,10 +355,12 @@ def tree_assisted_decoding(
         if not finished:
             first = ids[:, -1:]
             row_embeds = torch.cat([embeddings[r : r + 1, n_pad + 1 :], embed_tokens(first.to(embed_tokens.weight.device))], dim=1)
-            drafter.prefill(row_embeds, features[r : r + 1, n_pad:])
+            visual_mask = _paired_visual_mask(paired_rows[r], visual_ids) if visual_ids else None
+            drafter.prefill(row_embeds, features[r : r + 1, n_pad:], visual_mask, grids[r] if grids else None)
             ids = decoder.run(ids)
         row_stats.draft_forwards = drafter.forwards
         row_stats.draft_prefill_tokens = drafter.prefill_tokens
+        row_stats.compressor_choices = drafter.compressor_choices
         stats = stats.merge(row_stats)
         rows.append(ids)
         row_decoders.append(decoder)

@@ -6,8 +6,12 @@ Architecture (SpecVLM §3.3, EAGLE-2)::
     [embedding of token t+1 ; target feature f_t]  --fc (2H -> H)-->  input RMSNorm  -->  N Llama decoder layers
         --> predicted feature f_{t+1}  --> LM head (the target's own, or a reduced draft head)
 
+With a `compressor_config` the draft also owns an [`ElasticVisualCompressor`] (SpecVLM §3.4) that shortens its prefill
+by compressing the image spans of the fused inputs; the target always sees every visual token.
+
 The target's embedding and LM head are *used at run time* and never stored in the draft checkpoint. This file only
-imports `transformers` and its sibling configuration file, so it can travel with a checkpoint through `auto_map`.
+imports `transformers` and its sibling files (draft configuration, compressor configuration and model), so it can
+travel with a checkpoint through `auto_map`: `save_pretrained` copies those sibling files next to it.
 """
 
 from __future__ import annotations
@@ -17,12 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers import LlamaConfig, PreTrainedModel
+from transformers import LlamaConfig, PreTrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
+from .configuration_elastic_compressor import ElasticCompressorConfig
 from .configuration_specvlm_draft import SpecVLMDraftConfig
+from .modeling_elastic_compressor import CompressorOutput, ElasticVisualCompressor
 
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -31,6 +37,46 @@ if TYPE_CHECKING:  # pragma: no cover
 #: Class attribute that marks a SpecVLM draft. Checked by duck typing because classes loaded as remote code are
 #: distinct objects from the installed ones.
 DRAFT_MARKER = "_is_specvlm_draft"
+
+#: The fields of an `ElasticCompressorConfig` that a draft stores in `SpecVLMDraftConfig.compressor_config`.
+_COMPRESSOR_FIELDS = tuple(ElasticCompressorConfig.__annotations__)
+
+
+def compressor_config_for_draft(
+    draft_config: SpecVLMDraftConfig, compressor_config: ElasticCompressorConfig | dict[str, Any]
+) -> ElasticCompressorConfig:
+    """
+    The compressor configuration a draft builds from `compressor_config`.
+
+    The widths always come from the draft: `hidden_size` is the draft's width and `gate_input_size` the width of its
+    target features (`target_hidden_size * len(target_layer_ids)`, see [`ElasticCompressorConfig.for_draft`]). A
+    `resampler_num_heads` equal to the default derived from the given `hidden_size` is derived again for the draft's
+    width; every other field is kept.
+
+    Args:
+        draft_config (`SpecVLMDraftConfig`): the draft's configuration.
+        compressor_config (`ElasticCompressorConfig` or `dict`): the requested compressor, e.g.
+            `ElasticCompressorConfig(mode="weighted")` or the dictionary stored in a checkpoint.
+
+    Returns:
+        [`ElasticCompressorConfig`]
+    """
+    if isinstance(compressor_config, PreTrainedConfig):
+        values = compressor_config_to_dict(compressor_config)
+    else:
+        values = dict(compressor_config)
+    given_hidden = values.pop("hidden_size", None)
+    values.pop("gate_input_size", None)
+    heads = values.get("resampler_num_heads")
+    if given_hidden is not None and heads == ElasticCompressorConfig(hidden_size=given_hidden).resampler_num_heads:
+        del values["resampler_num_heads"]
+    return ElasticCompressorConfig.for_draft(draft_config, **values)
+
+
+def compressor_config_to_dict(compressor_config: ElasticCompressorConfig) -> dict[str, Any]:
+    """The compressor's own fields (without the generic `PreTrainedConfig` attributes), as stored in a draft config."""
+    values = compressor_config.to_dict()
+    return {name: values[name] for name in _COMPRESSOR_FIELDS}
 
 
 @dataclass
@@ -44,10 +90,15 @@ class SpecVLMDraftOutput(ModelOutput):
             [`SpecVLMDraftModel.compute_logits`] to read draft-token logits from them.
         past_key_values (`Cache`, *optional*):
             The draft's own key/value cache when `use_cache=True`.
+        compressor_output (`CompressorOutput`, *optional*):
+            When the call compressed its image spans (`visual_mask` given to a draft with a compressor): the
+            compressor's output. `last_hidden_state` then has its length `L'`, and position `j` of row `b` carries the
+            prediction of input position `compressor_output.kept_index[b, j]`.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
     past_key_values: Cache | None = None
+    compressor_output: CompressorOutput | None = None
 
 
 def _additive_causal_mask(
@@ -110,6 +161,10 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel):
 
     Greedy output is token-identical to `target.generate(**inputs)` and sampled output has the same distribution;
     the draft only changes how fast the tokens come.
+
+    When `config.compressor_config` is set, `compressor` is an [`ElasticVisualCompressor`] (else `None`): `generate`
+    then compresses the image spans of the draft's prefill (see [`fuse_and_compress`]), which shortens the draft's
+    prefill and KV cache without touching the target.
     """
 
     def __init__(self, config: SpecVLMDraftConfig):
@@ -127,7 +182,13 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel):
             self.register_buffer("d2t", torch.arange(config.draft_vocab_size, dtype=torch.long), persistent=True)
         else:
             self.lm_head = None
-            self.d2t = None
+            self.register_buffer("d2t", None, persistent=True)  # filled by set_draft_vocab
+        if config.compressor_config is not None:
+            compressor_config = compressor_config_for_draft(config, config.compressor_config)
+            config.compressor_config = compressor_config_to_dict(compressor_config)
+            self.compressor = ElasticVisualCompressor(compressor_config)
+        else:
+            self.compressor = None
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -218,7 +279,7 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel):
         head = head.to(device=self.fc.weight.device, dtype=self.fc.weight.dtype)
         head.weight.data.copy_(weight.to(head.weight))
         self.lm_head = head
-        self.register_buffer("d2t", token_ids.to(self.fc.weight.device), persistent=True)
+        self._buffers["d2t"] = token_ids.to(self.fc.weight.device)  # registered (possibly as None) in __init__
         self.config.draft_vocab_size = int(token_ids.numel())
 
     # ------------------------------------------------------------------------------------------------------------
@@ -231,25 +292,81 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel):
         fused = self.fc(torch.cat([inputs_embeds.to(self.fc.weight.dtype), target_hidden_states.to(self.fc.weight.dtype)], dim=-1))
         return self.input_norm(fused) if self.input_norm is not None else fused
 
-    def forward(
+    def fuse_and_compress(
         self,
         inputs_embeds: torch.Tensor,
         target_hidden_states: torch.Tensor,
+        visual_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        grid_sizes: list[list[tuple[int, int] | None] | None] | None = None,
+        **compressor_kwargs: Any,
+    ) -> CompressorOutput:
+        r"""
+        Fuses the prefill pairs and compresses their image spans with the draft's [`ElasticVisualCompressor`].
+
+        [`forward`] calls it when given a `visual_mask`; to run the two steps separately, feed the result to
+        [`forward`] as `fused_inputs=out.fused, position_ids=out.position_ids, attention_mask=out.attention_mask`.
+        Output token `j` of row `b` carries the prediction of input position `out.kept_index[b, j]` (-1 at padding),
+        so its training targets are the target's data at `kept_index + 1` (feature) and `kept_index + 2` (token).
+
+        Args:
+            inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
+                Target input embeddings of tokens `t + 1`, as in [`forward`].
+            target_hidden_states (`torch.FloatTensor` of shape `(batch_size, sequence_length, feature_width)`):
+                Target features `f_t` (see [`select_features`]); they also condition the compressor's gate.
+            visual_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`):
+                Positions whose paired token `x_{t + 1}` is a visual placeholder (image or video token).
+            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+                1 for real positions, 0 for padding (either side).
+            position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                1-D positions of the pairs (default `arange(sequence_length)`); compressed tokens take the positions of
+                their source indices.
+            grid_sizes (`list[list[tuple[int, int] | None] | None]`, *optional*):
+                Per row, per image (in order of appearance), the `(rows, cols)` raster grid of the image's tokens, or
+                `None` to compress that image along the sequence.
+            compressor_kwargs:
+                Further arguments of [`ElasticVisualCompressor.forward`] (`image_ids`, `text_mask`,
+                `force_primitive`, `generator`, `padding_side`).
+
+        Returns:
+            [`CompressorOutput`]
+        """
+        if self.compressor is None:
+            raise ValueError("This draft has no visual compressor (its config has no `compressor_config`).")
+        return self.compressor(
+            self.fuse(inputs_embeds, target_hidden_states),
+            visual_mask,
+            position_ids=position_ids,
+            gate_features=target_hidden_states,
+            attention_mask=attention_mask,
+            grid_sizes=grid_sizes,
+            **compressor_kwargs,
+        )
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor | None = None,
+        target_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         past_key_values: Cache | None = None,
         use_cache: bool = False,
         fused_inputs: torch.Tensor | None = None,
+        visual_mask: torch.Tensor | None = None,
+        grid_sizes: list[list[tuple[int, int] | None] | None] | None = None,
         **kwargs: Any,
     ) -> SpecVLMDraftOutput:
         r"""
         Args:
-            inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
+            inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
                 Target input embeddings of tokens `t + 1` (EAGLE's shift: position `t` pairs the embedding of the
                 *next* token with the feature of the current one). For visual positions these are the target's
-                merged visual embeddings (its `hidden_states[0]`).
-            target_hidden_states (`torch.FloatTensor` of shape `(batch_size, sequence_length, feature_width)`):
+                merged visual embeddings (its `hidden_states[0]`). Required unless `fused_inputs` is given.
+            target_hidden_states (`torch.FloatTensor` of shape `(batch_size, sequence_length, feature_width)`,
+                *optional*):
                 Target features `f_t` (see [`select_features`]) or, inside a draft tree, the draft's own predictions.
+                Required unless `fused_inputs` is given.
             attention_mask (`torch.Tensor`, *optional*):
                 Either a 2-D padding mask of shape `(batch_size, past + sequence_length)` (1 = keep) combined with a
                 causal mask, or a ready 4-D additive float mask `(batch_size, 1, sequence_length, past + sequence_length)`
@@ -261,12 +378,38 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel):
             use_cache (`bool`, *optional*, defaults to `False`):
                 Whether to append this call's keys/values to `past_key_values`.
             fused_inputs (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
-                Already fused inputs (output of [`fuse`]); skips the fusion, e.g. after visual compression.
+                Already fused inputs (output of [`fuse`]); skips the fusion, e.g. the `fused` output of
+                [`fuse_and_compress`] (pass its `position_ids` and `attention_mask` with it).
+            visual_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Positions whose paired token `x_{t + 1}` is a visual placeholder. With a compressor, the image spans are
+                compressed before the decoder layer(s) ([`fuse_and_compress`] with this call's `attention_mask` and
+                `position_ids`) and the output carries `compressor_output`; ignored by a draft without compressor.
+                Only for a call without cached context (a prefill or a training forward) and a 2-D or no
+                `attention_mask`.
+            grid_sizes (`list[list[tuple[int, int] | None] | None]`, *optional*):
+                With `visual_mask`: per row, per image, its `(rows, cols)` raster grid or `None` (see
+                [`fuse_and_compress`]).
 
         Returns:
             [`SpecVLMDraftOutput`]
         """
-        hidden = fused_inputs if fused_inputs is not None else self.fuse(inputs_embeds, target_hidden_states)
+        compressed = None
+        if visual_mask is not None and self.compressor is not None:
+            if fused_inputs is not None or (attention_mask is not None and attention_mask.dim() != 2):
+                raise ValueError("`visual_mask` needs unfused inputs and a 2-D (or no) attention_mask.")
+            if past_key_values is not None and past_key_values.get_seq_length() > 0:
+                raise ValueError("`visual_mask` compresses a whole prefill: the draft cache must be empty.")
+            compressed = self.fuse_and_compress(
+                inputs_embeds, target_hidden_states, visual_mask, attention_mask, position_ids, grid_sizes
+            )
+            fused_inputs, position_ids = compressed.fused, compressed.position_ids
+            attention_mask = compressed.attention_mask
+        if fused_inputs is not None:
+            hidden = fused_inputs
+        elif inputs_embeds is not None and target_hidden_states is not None:
+            hidden = self.fuse(inputs_embeds, target_hidden_states)
+        else:
+            raise ValueError("Pass `inputs_embeds` and `target_hidden_states`, or already fused `fused_inputs`.")
         batch, q_len = hidden.shape[:2]
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
@@ -285,14 +428,21 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel):
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
             )
-        return SpecVLMDraftOutput(last_hidden_state=hidden, past_key_values=past_key_values if use_cache else None)
+        return SpecVLMDraftOutput(
+            last_hidden_state=hidden,
+            past_key_values=past_key_values if use_cache else None,
+            compressor_output=compressed,
+        )
 
     # ------------------------------------------------------------------------------------------------------------
     # construction from / validation against a target
     # ------------------------------------------------------------------------------------------------------------
     @classmethod
     def config_from_target(cls, target: "_Target", **overrides: Any) -> SpecVLMDraftConfig:
-        """Returns a [`SpecVLMDraftConfig`] shaped for `target` (text dims copied), with `overrides` applied."""
+        """
+        Returns a [`SpecVLMDraftConfig`] shaped for `target` (text dims copied), with `overrides` applied; a
+        `compressor_config` override (config or dict) is stored as the dictionary of a compressor shaped for the draft.
+        """
         text = target.config.get_text_config()
         hidden = text.hidden_size
         heads = getattr(text, "num_attention_heads", None) or max(hidden // 64, 1)
@@ -322,10 +472,11 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel):
             specvlm_hf_version=lib_version,
         )
         compressor_config = overrides.pop("compressor_config", None)
-        if compressor_config is not None:
-            values["compressor_config"] = compressor_config.to_dict() if hasattr(compressor_config, "to_dict") else dict(compressor_config)
         values.update(overrides)
-        return SpecVLMDraftConfig(**values)
+        config = SpecVLMDraftConfig(**values)
+        if compressor_config is not None:
+            config.compressor_config = compressor_config_to_dict(compressor_config_for_draft(config, compressor_config))
+        return config
 
     @classmethod
     def from_target(cls, target: "_Target", **overrides: Any) -> "SpecVLMDraftModel":
@@ -336,7 +487,8 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel):
             target (`PreTrainedModel`): any supported target (LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Idefics3/SmolVLM,
                 Gemma3, Llama, Qwen2, ...).
             overrides: any [`SpecVLMDraftConfig`] field, e.g. `tree_total_tokens=32`, `num_hidden_layers=2`,
-                `target_layer_ids=[2, 8, -1]`, or `compressor_config=ElasticCompressorConfig(...)`.
+                `target_layer_ids=[2, 8, -1]`, or `compressor_config=ElasticCompressorConfig(mode="weighted")` (its
+                widths are taken from the draft, see [`compressor_config_for_draft`]).
 
         Returns:
             [`SpecVLMDraftModel`] in the target's dtype and on its device.
@@ -366,6 +518,15 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel):
                     problems.append(f"target_layer_ids entry {layer_id} is outside the target's {n_states + 1} hidden states")
         return problems
 
+    def push_to_hub(self, repo_id: str, **kwargs: Any):
+        """Uploads the draft with a SpecVLM model card (`specvlm_hf.hub.push_draft_to_hub`); without the library
+        installed (remote-code copy) the stock transformers upload is used."""
+        try:
+            from specvlm_hf.hub import push_draft_to_hub
+        except ImportError:  # pragma: no cover
+            return super().push_to_hub(repo_id, **kwargs)
+        return push_draft_to_hub(self, repo_id, **kwargs)
+
     def check_compatible(self, target: "_Target") -> None:
         """Raises a `ValueError` that says what differs when this draft was not built for `target`'s shape."""
         problems = self.compatibility_problems(target)
@@ -378,7 +539,15 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel):
             )
 
 
-__all__ = ["SpecVLMDraftModel", "SpecVLMDraftPreTrainedModel", "SpecVLMDraftOutput", "SpecVLMDraftConfig", "DRAFT_MARKER"]
+__all__ = [
+    "SpecVLMDraftModel",
+    "SpecVLMDraftPreTrainedModel",
+    "SpecVLMDraftOutput",
+    "SpecVLMDraftConfig",
+    "DRAFT_MARKER",
+    "compressor_config_for_draft",
+    "compressor_config_to_dict",
+]
 
 # When this file is loaded as remote code and the library is installed, route generate() through the tree loop.
 try:  # pragma: no cover - exercised in a subprocess test
