@@ -96,9 +96,14 @@ VERSIONED_PACKAGES = (
 )
 
 
+def cache_root() -> Path:
+    """Root of specvlm-hf's caches: `$SPECVLM_HF_CACHE`, by default `~/.cache/specvlm_hf`."""
+    return Path(os.environ.get("SPECVLM_HF_CACHE", "~/.cache/specvlm_hf")).expanduser()
+
+
 def default_cache_dir() -> Path:
-    """Where the built pocket VLM lives: `$SPECVLM_HF_CACHE/pocket-vlm`, by default `~/.cache/specvlm_hf/pocket-vlm`."""
-    return Path(os.environ.get("SPECVLM_HF_CACHE", "~/.cache/specvlm_hf")).expanduser() / "pocket-vlm"
+    """Where the built pocket VLM lives: `<cache_root()>/pocket-vlm`."""
+    return cache_root() / "pocket-vlm"
 
 
 def committed_projector_path() -> Path:
@@ -162,16 +167,18 @@ def make_pocket_processor(tokenizer: PreTrainedTokenizerBase) -> LlavaProcessor:
 
 
 def compose_pocket_vlm(
-    projector_path: str | Path | None = None, dtype: torch.dtype = torch.float32
+    dtype: torch.dtype = torch.float32, projector_path: str | Path | None = None, random_projector: bool = False
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """Composes the pocket VLM in memory from the installed packages.
 
     Args:
-        projector_path (`str` or `Path`, *optional*):
-            Projector weights (`linear_1.*`, `linear_2.*`). Defaults to the committed projector; when that file does
-            not exist the projector keeps its seeded random initialisation (seed 0).
         dtype (`torch.dtype`, *optional*, defaults to `torch.float32`):
             dtype of the returned model.
+        projector_path (`str` or `Path`, *optional*):
+            Projector weights (`linear_1.*`, `linear_2.*`). Defaults to the committed projector; when that file does
+            not exist the projector keeps its seeded random initialisation.
+        random_projector (`bool`, *optional*, defaults to `False`):
+            Keep the seeded random initialisation (seed `PROJECTOR_INIT_SEED`) even if a projector file exists.
 
     Returns:
         `tuple[LlavaForConditionalGeneration, LlavaProcessor]`: the model in eval mode and its processor.
@@ -209,7 +216,7 @@ def compose_pocket_vlm(
         raise TypeError(f"expected an EfficientNetLiteVisionModel tower, got {type(tower).__name__}")
     tower.load_efficientnet_lite0_weights()
     projector_path = Path(projector_path) if projector_path is not None else committed_projector_path()
-    if projector_path.is_file():
+    if projector_path.is_file() and not random_projector:
         model.model.multi_modal_projector.load_state_dict(load_file(projector_path), strict=True)
     model.tie_weights()
     model.generation_config = lm.generation_config
@@ -354,6 +361,7 @@ __all__ = [
     "NUM_IMAGE_TOKENS",
     "POCKET_CHAT_TEMPLATE",
     "build_pocket_vlm",
+    "cache_root",
     "committed_projector_path",
     "compose_pocket_vlm",
     "default_cache_dir",
