@@ -240,13 +240,16 @@ def _is_current(cache_dir: Path, dtype: torch.dtype | None) -> bool:
     if not (provenance.is_file() and (cache_dir / "config.json").is_file()):
         return False
     recorded = json.loads(provenance.read_text())
-    return (dtype is None or recorded.get("dtype") == str(dtype)) and recorded.get("projector", {}).get("sha256") == (
-        _projector_record()["sha256"]
-    )
+    same_projector = recorded.get("projector", {}).get("sha256") == _projector_record()["sha256"]
+    return same_projector and (dtype is None or recorded.get("dtype") == str(dtype))
 
 
 def _model_card(provenance: dict) -> str:
-    lm, tower, projector = provenance["sources"]["language_model"], provenance["sources"]["vision_tower"], provenance["projector"]
+    lm, tower = provenance["sources"]["language_model"], provenance["sources"]["vision_tower"]
+    projector = provenance["projector"]
+    status = "trained on CPU by `specvlm_hf.pocket.train_projector`" if projector["trained"] else "**untrained**"
+    if projector.get("training", {}).get("config", {}).get("imagenet_init"):
+        status += ", starting from the tower's ImageNet classifier mapped onto the word embeddings of the class names"
     lines = [
         "# pocket VLM (specvlm-hf)",
         "",
@@ -256,14 +259,16 @@ def _model_card(provenance: dict) -> str:
         f"- Language model: {lm['name']} from {lm['package']}, {lm['license']}. **The weights are dequantized from the",
         "  4-bit Q4_1 GGUF**, so quality is slightly below the original release.",
         f"- Vision tower: {tower['name']} from {tower['package']}, {tower['license']}; 49 visual tokens of width 1280.",
-        "- Projector: 1280→576→576 MLP (GELU, bias), "
-        + ("trained on CPU by `specvlm_hf.pocket.train_projector`." if projector["trained"] else "**untrained** (random)."),
+        f"- Projector: 1280→576→576 MLP (GELU, bias), {status}.",
     ]
     training = projector.get("training")
     if training:
         lines += ["", "## Projector training data", ""]
         lines += [f"- {source['name']}: {source['license']}" for source in training.get("data_sources", [])]
-        lines += ["", f"Steps: {training.get('steps')}, final loss: {training.get('final_loss')}, seed: {training.get('seed')}."]
+        lines += [
+            "",
+            f"Steps: {training.get('steps')}, final loss: {training.get('final_loss')}, seed: {training.get('seed')}.",
+        ]
     lines += [
         "",
         "## Use",
@@ -282,7 +287,9 @@ def _model_card(provenance: dict) -> str:
     return "\n".join(lines)
 
 
-def build_pocket_vlm(cache_dir: str | Path | None = None, dtype: torch.dtype = torch.bfloat16, force: bool = False) -> Path:
+def build_pocket_vlm(
+    cache_dir: str | Path | None = None, dtype: torch.dtype = torch.bfloat16, force: bool = False
+) -> Path:
     """Builds the pocket VLM and saves it with its processor, unless an up-to-date build is already cached.
 
     Args:

