@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from specvlm_hf import SpecVLMDraftModel
-from specvlm_hf.generation.loop import _image_grids, _visual_token_ids
+from specvlm_hf.generation.visual_layout import image_grids, visual_token_ids
 from specvlm_hf.models import ElasticCompressorConfig
 from specvlm_hf.testing.tiny_models import build_tiny_target, make_inputs
 
@@ -161,9 +161,9 @@ def test_image_grids_of_square_and_sequence_layouts(targets, family, expected):
     inputs = make_inputs(family, target, with_image=True, batch_size=2)
     mask = inputs["attention_mask"]
     paired = [inputs["input_ids"][r, int((mask[r] == 0).sum()) + 1 :] for r in range(2)]
-    visual_ids = _visual_token_ids(target)
+    visual_ids = visual_token_ids(target)
     assert target.config.get_text_config().vocab_size - 1 in visual_ids
-    assert _image_grids(target.config.model_type, paired, visual_ids) == expected
+    assert image_grids(target.config.model_type, paired, visual_ids) == expected
 
 
 def test_qwen_image_grids_come_from_mrope_positions(targets, references):

@@ -87,3 +87,44 @@ def test_tree_knobs_per_call_override_config(targets):
     assert out.sequences.tolist() == reference.tolist()
     assert out.speculation.drafted_tokens <= 5 * out.speculation.target_forwards
     assert draft.config.tree_total_tokens != 5  # the draft's own config is untouched
+
+
+@pytest.mark.parametrize("lazy_head", [True, False], ids=["lazy-head", "eager-head"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_verification_head_modes_match_plain_generate(targets, monkeypatch, family, lazy_head):
+    """Both ways of computing verification logits (lazily along the walk on CPU, all slots at once on accelerators)."""
+    from specvlm_hf.generation import loop
+
+    monkeypatch.setattr(loop, "LAZY_HEAD_DEVICES", ("cpu",) if lazy_head else ())
+    target, draft = targets(family)
+    inputs = make_inputs(family, target, with_image=family in MULTIMODAL_FAMILIES)
+    reference = target.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
+    use_oracle(monkeypatch, _unpadded_rows(inputs, reference))
+    out = target.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, assistant_model=draft)
+    assert out.tolist() == reference.tolist()
+
+
+def test_lazy_head_reproduces_the_models_own_logits():
+    """The lazily applied head is checked against the model's logits: it follows soft-capping where the model applies
+    it, ignores a cap the model does not apply, and is refused (eager verification) when nothing matches."""
+    from specvlm_hf.generation.loop import _SlotLogits, find_logits_head
+
+    target = build_tiny_target("gemma3")
+    text = target.config.get_text_config()
+    text.final_logit_softcapping = 0.5  # set in the config, but Gemma3ForConditionalGeneration does not apply it
+    inputs = make_inputs("gemma3", target, with_image=True)
+    out = target(**inputs, output_hidden_states=True, return_dict=True)
+    final = out.hidden_states[text.num_hidden_layers]
+    head = find_logits_head(target, final[:, -1:], out.logits[:, -1])
+    assert head is target.get_output_embeddings()
+    lazy = _SlotLogits(out.logits[0, :1], final[0], head, lazy=True)
+    eager = _SlotLogits(out.logits[0], final[0], None, lazy=False)
+    for slot in (0, 3, inputs["input_ids"].shape[1] - 1):
+        torch.testing.assert_close(lazy[slot], out.logits[0, slot : slot + 1].float(), rtol=1e-5, atol=1e-5)
+        assert lazy.argmax(slot) == eager.argmax(slot)
+
+    capped = torch.tanh(out.logits / 0.5) * 0.5  # what a model that applies the cap returns
+    capped_head = find_logits_head(target, final[:, -1:], capped[:, -1])
+    assert capped_head is not None and capped_head is not target.get_output_embeddings()
+    torch.testing.assert_close(capped_head(final[:, 2:3])[0], capped[:, 2], rtol=1e-5, atol=1e-5)
+    assert find_logits_head(target, final[:, -1:], out.logits[:, -1] * 3.0) is None  # unknown post-processing

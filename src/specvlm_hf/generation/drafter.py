@@ -15,6 +15,7 @@ the draft's last predicted feature). One cycle:
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,11 @@ from transformers.cache_utils import DynamicCache
 
 from ..models.compressor_metrics import choice_histogram
 from .tree import DraftTree, select_nodes
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,7 @@ class EagleTreeDrafter:
         self.forwards = 0
         self.prefill_tokens = 0  # entries the prefill wrote to the draft cache
         self.compressor_choices: dict[str, int] = {}  # primitive chosen by the compressor, when it ran
+        self.prefill_seconds = 0.0
         param = next(draft.parameters())
         self.device, self.dtype = param.device, param.dtype
 
@@ -96,6 +103,8 @@ class EagleTreeDrafter:
                 raster grid or `None` (compressed along the sequence).
         """
         inputs_embeds, features = inputs_embeds.to(self.device), features.to(self.device)
+        _synchronize(self.device)
+        started = time.perf_counter()
         length = inputs_embeds.shape[1]
         call = {
             "inputs_embeds": inputs_embeds,
@@ -119,6 +128,8 @@ class EagleTreeDrafter:
                 compressor.train(training)
             self.compressor_choices = choice_histogram(out.compressor_output.choice, compressor.config)
         self.forwards += 1
+        _synchronize(self.device)
+        self.prefill_seconds = time.perf_counter() - started
         self.prefill_tokens = self.cache.get_seq_length()
         self.next_position = length
         self.last_hidden = out.last_hidden_state[:, -1]

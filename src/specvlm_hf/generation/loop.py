@@ -19,27 +19,29 @@ height/width positions of Qwen images) so that the draft's prefill is compressed
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .acceptance import greedy_choices, sample_token, walk_tree
+from .acceptance import sample_token, walk_tree
 from .cache_utils import check_cache_supported, compact, select_row, tree_attention_mask
 from .drafter import EagleTreeDrafter, TreeKnobs
 from .route import GENERATE_KNOBS
 from .stats import SpeculationStats
 from .tree import children_table, position_ids_for_tree
+from .visual_layout import image_grids, paired_visual_mask, visual_token_ids
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel, StoppingCriteriaList
     from transformers.generation.streamers import BaseStreamer
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
-#: Model types whose image placeholder runs are square raster grids of the image's tokens (one run per image or tile).
-SQUARE_GRID_MODEL_TYPES = ("llava", "gemma3", "idefics3", "smolvlm")
+#: Devices where verification computes LM-head logits lazily, only for the slots the acceptance walk reads (matrix
+#: products cost about linearly in rows on a CPU; on accelerators one batched head product is cheaper).
+LAZY_HEAD_DEVICES = ("cpu",)
 
 
 @dataclass
@@ -93,103 +95,89 @@ def _validate(target: "PreTrainedModel", draft: Any, generation_config: "Generat
         )
 
 
-def _visual_token_ids(target: "PreTrainedModel") -> list[int]:
-    """Placeholder ids of the target's visual tokens (image, and video where the family has one), from its config."""
-    ids = []
-    for name in ("image_token_id", "image_token_index", "video_token_id", "video_token_index"):
-        value = getattr(target.config, name, None)
-        if isinstance(value, int) and value not in ids:
-            ids.append(value)
-    return ids
-
-
-def _visual_runs(paired_ids: torch.Tensor, visual_ids: list[int]) -> list[tuple[int, int]]:
-    """`(start, length)` of every maximal run of visual placeholders in `paired_ids`, in order."""
-    runs: list[tuple[int, int]] = []
-    previous_visual = False
-    for index, token in enumerate(paired_ids.tolist()):
-        visual = token in visual_ids
-        if visual and previous_visual:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        elif visual:
-            runs.append((index, 1))
-        previous_visual = visual
-    return runs
-
-
-def _raster_grid(positions: torch.Tensor) -> tuple[int, int] | None:
-    """
-    `(rows, cols)` when the mRoPE `(temporal, height, width)` positions `(3, n)` of a run walk one frame's grid in
-    raster order (Qwen2-VL / Qwen2.5-VL images), else `None` (several video frames, any other layout).
-    """
-    temporal, height, width = positions.cpu()
-    if not bool((temporal == temporal[0]).all()):
-        return None
-    rows, cols = int(height.max() - height.min()) + 1, int(width.max() - width.min()) + 1
-    index = torch.arange(positions.shape[1])
-    if rows * cols != index.numel():
-        return None
-    if torch.equal(height - height.min(), index // cols) and torch.equal(width - width.min(), index % cols):
-        return rows, cols
-    return None
-
-
-def _image_grids(
-    model_type: str,
-    paired_rows: list[torch.Tensor],
-    visual_ids: list[int],
-    paired_positions: list[torch.Tensor] | None = None,
-) -> list[list[tuple[int, int] | None]]:
-    """
-    Per row of paired prompt tokens, per run of visual placeholders, the `(rows, cols)` raster grid of the run's
-    tokens, or `None` where the layout is not a plain grid (LLaVA-NeXT's unpadded crops with newline tokens, videos, a
-    run cut by the start of the prompt, unknown families), which the compressor then compresses along the sequence.
-
-    Args:
-        model_type (`str`): the target's `config.model_type`; its runs are square grids when it is one of
-            `SQUARE_GRID_MODEL_TYPES` and the run length is a perfect square.
-        paired_rows (`list[torch.LongTensor]`): per row, the prompt tokens `x_1 .. x_{L-1}`.
-        visual_ids (`list[int]`): placeholder ids of visual tokens.
-        paired_positions (`list[torch.LongTensor]`, *optional*): per row, the mRoPE `(temporal, height, width)`
-            positions `(3, L-1)` of those tokens; when given, a run's grid is read from them.
-    """
-    grids = []
-    for row, paired_ids in enumerate(paired_rows):
-        row_grids: list[tuple[int, int] | None] = []
-        for start, length in _visual_runs(paired_ids, visual_ids):
-            grid = None
-            if paired_positions is not None:
-                grid = _raster_grid(paired_positions[row][:, start : start + length])
-            elif model_type in SQUARE_GRID_MODEL_TYPES:
-                side = math.isqrt(length)
-                grid = (side, side) if side * side == length else None
-            row_grids.append(grid)
-        grids.append(row_grids)
-    return grids
-
-
-def _paired_visual_mask(paired_ids: torch.Tensor, visual_ids: list[int]) -> torch.Tensor:
-    """
-    `(1, L)` mask of the draft prefill positions `t` whose paired token `x_{t+1}` is visual, from the paired prompt
-    tokens `x_1 .. x_{L-1}`; the last position (paired with the first generated token) is never visual.
-    """
-    visual = torch.isin(paired_ids, torch.tensor(visual_ids, device=paired_ids.device))
-    return torch.cat([visual, visual.new_zeros(1)])[None]
-
-
 def _positive_layer_ids(target: "PreTrainedModel", layer_ids: list[int]) -> list[int]:
     n_states = target.config.get_text_config().num_hidden_layers + 1
     return sorted({i % n_states for i in layer_ids})
 
 
+
+def find_logits_head(
+    target: "PreTrainedModel", final_hidden: torch.Tensor, logits: torch.Tensor
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """
+    A function from final (normed) hidden states to the target's logits, checked against logits the model itself
+    produced (the prefill's last position), or `None` when no candidate reproduces them (verification then computes
+    every slot's logits inside the model, as on accelerators).
+
+    Candidates: the output embeddings alone, then with `final_logit_softcapping` of the text config when it is set
+    (Gemma 2 and Gemma 3 causal LMs apply it; Gemma 3's multimodal class, in transformers 5.23, does not). A wrong
+    candidate differs by far more than the tolerance, which only absorbs rounding.
+
+    Args:
+        target (`PreTrainedModel`): the target.
+        final_hidden (`torch.FloatTensor` of shape `(1, 1, hidden)`): final hidden state of one position.
+        logits (`torch.FloatTensor` of shape `(1, vocab)`): the model's logits at that position.
+    """
+    lm_head = target.get_output_embeddings()
+    candidates: list[Callable[[torch.Tensor], torch.Tensor]] = [lm_head]
+    cap = getattr(target.config.get_text_config(), "final_logit_softcapping", None)
+    if cap:
+        candidates.append(lambda hidden: torch.tanh(lm_head(hidden) / cap) * cap)
+    reference = logits.float().reshape(-1)
+    for candidate in candidates:
+        produced = candidate(final_hidden).float().reshape(-1)
+        if produced.shape == reference.shape and torch.allclose(produced, reference, rtol=1e-2, atol=1e-2):
+            return candidate
+    return None
+
+
+class _SlotLogits:
+    """
+    Verification logits of the block's slots (root + tree nodes), float32, `(1, vocab)` per slot.
+
+    Eager: the target's forward computed every slot. Lazy (CPU): the forward computed only the root's logits
+    (`logits_to_keep=[0]`) and a slot's logits are computed from the final hidden state when the walk first reads it,
+    so the LM head (a large share of a small model's verification cost on a CPU, where it grows linearly with the
+    number of rows) runs only along the accepted path, through `head` (see [`find_logits_head`], which checks that it
+    reproduces the model's own logits).
+    """
+
+    def __init__(self, logits: torch.Tensor, final_hidden: torch.Tensor, head: Callable | None, lazy: bool):
+        self.lazy, self.head, self.final_hidden = lazy, head, final_hidden
+        self.rows: dict[int, torch.Tensor] = {0: logits[:1].float()} if lazy else {}
+        self.all = None if lazy else logits.float()
+        self.argmaxes: list[int] | None = None
+
+    def __getitem__(self, slot: int) -> torch.Tensor:
+        if not self.lazy:
+            return self.all[slot : slot + 1]
+        row = self.rows.get(slot)
+        if row is None:
+            row = self.rows[slot] = self.head(self.final_hidden[slot : slot + 1]).float()
+        return row
+
+    def argmax(self, slot: int) -> int:
+        if self.lazy:
+            return int(self[slot].argmax(dim=-1).item())
+        if self.argmaxes is None:
+            self.argmaxes = self.all.argmax(dim=-1).tolist()  # one host sync for every slot
+        return self.argmaxes[slot]
+
+
 class _RowDecoder:
     """Decodes one batch row after the shared prefill. State lives here, per call, never on the models."""
 
-    def __init__(self, target, draft, drafter, cache, n_pad, next_position, mrope_axes, layer_ids, logits_processor,
-                 stopping_criteria, generation_config, streamer, stats):
+    def __init__(self, target, draft, drafter, cache, n_pad, next_position, mrope_axes, layer_ids, head,
+                 logits_processor, stopping_criteria, generation_config, streamer, stats):
         self.target, self.draft, self.drafter, self.cache = target, draft, drafter, cache
         self.n_pad, self.next_position, self.mrope_axes = n_pad, next_position, mrope_axes
         self.layer_ids = layer_ids
+        text_config = target.config.get_text_config()
+        self.final_layer = text_config.num_hidden_layers  # hidden_states[L] is the final-normed state fed to the head
+        self.verify_layer_ids = sorted(set(layer_ids) | {self.final_layer})
+        self.head = head
+        self.lazy_head = head is not None
+        self.root_only = torch.tensor([0], device=target.get_output_embeddings().weight.device)
         self.logits_processor, self.stopping_criteria = logits_processor, stopping_criteria
         self.do_sample = bool(generation_config.do_sample)
         self.keep_scores = bool(generation_config.return_dict_in_generate and generation_config.output_scores)
@@ -238,18 +226,18 @@ class _RowDecoder:
                 position_ids=positions,
                 past_key_values=self.cache,
                 use_cache=True,
-                output_hidden_states=self.layer_ids,
+                output_hidden_states=self.verify_layer_ids,
+                logits_to_keep=self.root_only if self.lazy_head else 0,
                 return_dict=True,
             )
-            logits = out.logits[0].float()
+            logits = _SlotLogits(out.logits[0], out.hidden_states[self.final_layer][0], self.head, self.lazy_head)
             children = children_table(tree)
             if fast_greedy:
-                choices = greedy_choices(logits)
-                choose = lambda slot, emitted: choices[slot]  # noqa: E731
+                choose = lambda slot, emitted: logits.argmax(slot)  # noqa: E731
             else:
                 def choose(slot: int, emitted: list[int]) -> int:
                     prefix = torch.cat([ids, ids.new_tensor([emitted])], dim=-1) if emitted else ids
-                    return self._choose(prefix, logits[slot : slot + 1])
+                    return self._choose(prefix, logits[slot])
 
             state = {"ids": ids}
 
@@ -311,13 +299,17 @@ def tree_assisted_decoding(
         raise ValueError("output_scores/output_logits with a SpecVLM draft are supported for batch size 1 only.")
 
     layer_ids = _positive_layer_ids(target, draft.feature_layer_ids)
+    final_layer = target.config.get_text_config().num_hidden_layers
     model_inputs = target.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **model_kwargs)
-    model_inputs["output_hidden_states"] = layer_ids
+    model_inputs["output_hidden_states"] = sorted(set(layer_ids) | {final_layer})
     outputs = target(**model_inputs, return_dict=True)
     hidden_states = outputs.hidden_states
     embeddings = hidden_states[0]
     features = draft.select_features(hidden_states)
     last_logits = outputs.logits[:, -1].float()
+    head = None
+    if target.get_output_embeddings().weight.device.type in LAZY_HEAD_DEVICES:
+        head = find_logits_head(target, hidden_states[final_layer][:1, -1:], last_logits[:1])
     del outputs, model_inputs
 
     attention_mask = model_kwargs.get("attention_mask")
@@ -328,11 +320,11 @@ def tree_assisted_decoding(
     n_pads = [int(prompt_len - attention_mask[r].sum()) if attention_mask is not None else 0 for r in range(batch_size)]
     # prompt tokens x_1 .. x_{L-1} of each row: the tokens paired with the draft's prefill positions 0 .. L-2
     paired_rows = [input_ids[r, n_pads[r] + 1 :] for r in range(batch_size)]
-    visual_ids = _visual_token_ids(target) if getattr(draft, "compressor", None) is not None else []
+    visual_ids = visual_token_ids(target) if getattr(draft, "compressor", None) is not None else []
     grids = None
     if visual_ids:
         paired_positions = [position_ids[-3:, r, n_pads[r] + 1 :] for r in range(batch_size)] if mrope_axes else None
-        grids = _image_grids(target.config.model_type, paired_rows, visual_ids, paired_positions)
+        grids = image_grids(target.config.model_type, paired_rows, visual_ids, paired_positions)
 
     stats = SpeculationStats()
     rows: list[torch.Tensor] = []
@@ -349,17 +341,18 @@ def tree_assisted_decoding(
             next_position = int(position_ids[r, -1]) + 1
         drafter = EagleTreeDrafter(draft, embed_tokens, lm_head, knobs)
         row_stats = SpeculationStats(prefill_tokens=prompt_len - n_pad)
-        decoder = _RowDecoder(target, draft, drafter, row_cache, n_pad, next_position, mrope_axes, layer_ids,
+        decoder = _RowDecoder(target, draft, drafter, row_cache, n_pad, next_position, mrope_axes, layer_ids, head,
                               logits_processor, stopping_criteria, generation_config, streamer, row_stats)
         ids, finished = decoder.first_token(input_ids[r : r + 1], last_logits[r : r + 1])
         if not finished:
             first = ids[:, -1:]
             row_embeds = torch.cat([embeddings[r : r + 1, n_pad + 1 :], embed_tokens(first.to(embed_tokens.weight.device))], dim=1)
-            visual_mask = _paired_visual_mask(paired_rows[r], visual_ids) if visual_ids else None
+            visual_mask = paired_visual_mask(paired_rows[r], visual_ids) if visual_ids else None
             drafter.prefill(row_embeds, features[r : r + 1, n_pad:], visual_mask, grids[r] if grids else None)
             ids = decoder.run(ids)
         row_stats.draft_forwards = drafter.forwards
         row_stats.draft_prefill_tokens = drafter.prefill_tokens
+        row_stats.draft_prefill_seconds = drafter.prefill_seconds
         row_stats.compressor_choices = drafter.compressor_choices
         stats = stats.merge(row_stats)
         rows.append(ids)

@@ -31,6 +31,8 @@ class SpeculationStats:
         depth_reached (`list[int]`): per tree depth `d` (1-based index `d - 1`), cycles whose path reached it.
         prefill_tokens (`int`): tokens in the target prefill (all rows).
         draft_prefill_tokens (`int`): tokens the draft actually saw in its prefill (fewer with a visual compressor).
+        draft_prefill_seconds (`float`): wall time of the draft's prefill (compressor included; the device is
+            synchronised around it on CUDA).
     """
 
     target_forwards: int = 0
@@ -43,6 +45,7 @@ class SpeculationStats:
     prefill_tokens: int = 0
     draft_prefill_tokens: int = 0
     compressor_choices: dict[str, int] = field(default_factory=dict)
+    draft_prefill_seconds: float = 0.0
 
     def record_cycle(self, n_accepted_draft: int, n_emitted: int, n_drafted: int) -> None:
         """Adds one verification cycle that accepted `n_accepted_draft` draft tokens and emitted `n_emitted`."""
@@ -60,7 +63,7 @@ class SpeculationStats:
         """Sums two stats objects (used across batch rows)."""
         out = SpeculationStats(**asdict(self))
         for name in ("target_forwards", "draft_forwards", "tokens_emitted", "accepted_draft_tokens", "drafted_tokens",
-                     "prefill_tokens", "draft_prefill_tokens"):
+                     "prefill_tokens", "draft_prefill_tokens", "draft_prefill_seconds"):
             setattr(out, name, getattr(self, name) + getattr(other, name))
         out.accepted_per_cycle = self.accepted_per_cycle + other.accepted_per_cycle
         depth = max(len(self.depth_reached), len(other.depth_reached))

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "chain_acceptance_length",
+    "gate_entropy",
     "masked_sum",
     "smooth_l1_feature_loss",
     "soft_cross_entropy",
@@ -150,3 +151,18 @@ def chain_acceptance_length(agreement: torch.Tensor, mask: torch.Tensor, max_dep
         run = run * shifted
         length = length + run
     return length
+
+
+def gate_entropy(probs: torch.Tensor) -> torch.Tensor:
+    r"""
+    Entropy (in nats) of the compressor gate's distribution over its primitives, per row: `-sum_o p_o log p_o`, with
+    `0 log 0 = 0`. Ranges from 0 (a sure choice) to `log(n_options)` (uniform). Computed in float32.
+
+    Args:
+        probs (`torch.Tensor` of shape `(..., n_options)`): gate probabilities (`CompressorOutput.gate_probs`).
+
+    Returns:
+        `torch.Tensor` of shape `(...)`.
+    """
+    probs = probs.float()
+    return -torch.where(probs > 0, probs * probs.clamp(min=1e-30).log(), torch.zeros_like(probs)).sum(dim=-1)

@@ -16,11 +16,19 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixi
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import EvalLoopOutput
 
+from ..generation.visual_layout import image_grids, visual_token_ids
 from ..generation.route import is_specvlm_draft
 from ..hub import create_model_card
 from .config import OnlineDistillationConfig
 from .data import IGNORE_INDEX, DistillationCollator, DistillationDataset, to_model_inputs, tokenizer_of
-from .losses import chain_acceptance_length, masked_sum, smooth_l1_feature_loss, soft_cross_entropy, top1_agreement
+from .losses import (
+    chain_acceptance_length,
+    gate_entropy,
+    masked_sum,
+    smooth_l1_feature_loss,
+    soft_cross_entropy,
+    top1_agreement,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -42,15 +50,38 @@ class OnlineDistillationTrainer(Trainer):
     which predicts `x_{t+2}`. Position `t` counts iff `x_{t+2}` is a labelled (assistant) token; sums run over those
     positions and are divided by their number in the whole accumulated batch, so gradient accumulation is exact.
 
+    **Visual compressor (SpecVLM §3.4), trained jointly.** When the draft has an [`ElasticVisualCompressor`]
+    (`draft.compressor`), the draft is called once with `visual_mask` (position `t` is visual when `x_{t+1}` is one of
+    the teacher's image / video placeholder ids) and `grid_sizes` (each image's raster grid, derived exactly as the
+    decoding loop derives them for the draft's prefill), so its image spans are compressed before the decoder layer(s)
+    and gradients reach the compressor's learned parts (convolution, resampler, gate). Output `j` of row `b` carries
+    the prediction of position `s = compressor_output.kept_index[b, j]`; it is trained against `P[:, s+1]` and
+    `softmax(Z[:, s+1])` and counts iff `x_{s+2}` is labelled and `j` is not padding. The gate follows the module's
+    mode: a straight-through Gumbel-softmax sample while training, the deterministic argmax in `evaluate()` (as in
+    `generate`). The loss gains the compressor's token cost
+
+        + token_cost * sum_rows expected_kept_fraction / rows in the accumulated batch
+
+    (`compressor.config.token_cost`, 0 by default as in the paper; rows without images contribute 0), normalised by
+    rows as the token terms are by tokens, so gradient accumulation stays exact. The denominator of the token terms is
+    unchanged (the labelled positions of the uncompressed batch); a labelled position whose own pair is a dropped
+    visual token (only possible with `assistant_only_loss=False`) has no prediction and adds nothing. A batch without
+    visual positions skips the compressor, exactly like the decoding loop. A draft without compressor trains exactly
+    as without this feature.
+
     The teacher is kept out of the optimiser and out of checkpoints: it is a plain attribute (never a submodule of the
     draft), put in eval mode with `requires_grad_(False)` and moved to the trainer's device here (unless it was
     dispatched with a `device_map`). A PEFT teacher (LoRA, merged or not) works as is. `save_model` writes the draft
-    only (config with `auto_map`, safetensors weights) plus a model card.
+    only (config with `auto_map`, safetensors weights, the compressor's weights included) plus a model card.
 
     Logged metrics (train and `eval_` prefixed): `loss_logit` and `loss_feat` (per predicted token, unweighted),
     `top1_agreement` (draft argmax = teacher argmax), `est_accept_len` (teacher-forced chain estimate, bonus token
     included, see [`chain_acceptance_length`]); `evaluate()` adds the real `mean_accept_len` of tree decoding measured
-    with `target.generate(..., assistant_model=draft)` on held-out prompts.
+    with `target.generate(..., assistant_model=draft)` on held-out prompts. With a compressor: `loss_token_cost` (the
+    weighted cost term, per row) and, per row with an image, `compressor_kept_fraction` (visual tokens kept /
+    visual tokens), `compressor_expected_kept_fraction` (the gate's differentiable expectation of it), and for the
+    gated modes `compressor_gate_entropy` (nats, see [`gate_entropy`]) and `compressor_choice_<primitive>` (fraction
+    of rows whose gate chose, or in `"weighted"` mode weighted most, each primitive).
 
     Args:
         model ([`SpecVLMDraftModel`]):
@@ -120,11 +151,6 @@ class OnlineDistillationTrainer(Trainer):
         if teacher is None or teacher is model:
             raise ValueError("teacher must be the target model, distinct from the draft being trained.")
         model.check_compatible(teacher)
-        if getattr(model, "compressor", None) is not None:
-            logger.warning(
-                "This draft has a visual compressor, which OnlineDistillationTrainer does not train: the draft "
-                "learns on uncompressed inputs and the compressor's parameters keep their values."
-            )
 
         self.processor = processing_class
         train_dataset = self._as_distillation_dataset(train_dataset, args, "train_dataset")
@@ -159,6 +185,14 @@ class OnlineDistillationTrainer(Trainer):
         first_parameter = next(self.teacher.parameters())
         self._teacher_device, self._teacher_dtype = first_parameter.device, first_parameter.dtype
         self._hidden_state_ids = sorted(set(model.feature_layer_ids) | {-1}, key=lambda i: (i < 0, i))
+        # placeholder ids whose draft positions the compressor compresses (none: the draft sees every position)
+        self._visual_ids = visual_token_ids(teacher) if getattr(model, "compressor", None) is not None else []
+        if getattr(model, "compressor", None) is not None and not self._visual_ids:
+            logger.warning(
+                "This draft has a visual compressor but the teacher's config names no image or video token id, so no "
+                "position is ever visual: the compressor is neither used nor trained."
+            )
+        self._rows_in_accumulated_batch: int | None = None  # set by get_batch_samples, normalises the token cost
         self._metric_sums: dict[str, dict[str, torch.Tensor]] = {
             "train": defaultdict(lambda: 0),
             "eval": defaultdict(lambda: 0),
@@ -194,9 +228,64 @@ class OnlineDistillationTrainer(Trainer):
             )
         return super()._get_train_sampler(train_dataset)
 
+    def get_batch_samples(
+        self, epoch_iterator: Any, num_batches: int, device: torch.device
+    ) -> tuple[list, torch.Tensor | int | None]:
+        """Also records the rows of the accumulated batch: the compressor's token cost is a per-row mean over them."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        rows = sum(int(batch["shift_labels"].shape[0]) for batch in batch_samples if "shift_labels" in batch)
+        self._rows_in_accumulated_batch = rows or None
+        return batch_samples, num_items_in_batch
+
     # ------------------------------------------------------------------------------------------------------------
     # loss
     # ------------------------------------------------------------------------------------------------------------
+    def _mrope_positions(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
+        """
+        The teacher's `(temporal, height, width)` positions `(3, B, L)` for mRoPE families (Qwen2-VL, Qwen2.5-VL), as
+        `generate` computes them for the decoding loop; `None` for other families.
+        """
+        if batch.get("image_grid_thw") is None and batch.get("video_grid_thw") is None:
+            return None
+        prepare = getattr(self.teacher, "_prepare_position_ids_for_generation", None)
+        if prepare is None:
+            return None
+        keys = ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw", "video_grid_thw",
+                "second_per_grid_ts")
+        kwargs = {
+            key: batch[key].to(self._teacher_device) if torch.is_tensor(batch[key]) else batch[key]
+            for key in keys
+            if batch.get(key) is not None
+        }
+        positions = prepare(kwargs["input_ids"], kwargs)
+        return positions[-3:] if positions is not None and positions.dim() == 3 else None
+
+    def _compression_inputs(
+        self, draft: nn.Module, batch: Mapping[str, Any], device: torch.device
+    ) -> dict[str, Any] | None:
+        """
+        `visual_mask` and `grid_sizes` of the draft positions `t = 0 .. L-2` (position `t` is visual when its paired
+        token `x_{t+1}` is a visual placeholder), derived exactly as the decoding loop derives them for the draft's
+        prefill; `None` when the draft has no compressor or the batch has no visual position.
+        """
+        input_ids = batch.get("input_ids")
+        if getattr(draft, "compressor", None) is None or not self._visual_ids or input_ids is None:
+            return None
+        paired = input_ids[:, 1:]  # x_{t+1}
+        attention_mask = batch.get("attention_mask")
+        valid = torch.ones_like(paired, dtype=torch.bool) if attention_mask is None else attention_mask[:, 1:].bool()
+        visual = torch.isin(paired, torch.tensor(self._visual_ids, device=paired.device)) & valid
+        if not bool(visual.any()):
+            return None
+        positions = self._mrope_positions(batch)
+        paired_rows = [row.masked_fill(~row_valid, -1).cpu() for row, row_valid in zip(paired, valid)]
+        paired_positions = None
+        if positions is not None:
+            paired_positions = [positions[:, row, 1:].cpu() for row in range(len(paired))]
+        model_type = self.teacher.config.model_type
+        grid_sizes = image_grids(model_type, paired_rows, self._visual_ids, paired_positions)
+        return {"visual_mask": visual.to(device), "grid_sizes": grid_sizes}
+
     def compute_loss(
         self,
         model: nn.Module,
@@ -206,7 +295,8 @@ class OnlineDistillationTrainer(Trainer):
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         """
         Runs the teacher (no grad) and the draft on one batch and returns the token-summed loss divided by
-        `num_items_in_batch` (the predicted tokens of the whole accumulated batch; this batch's count when `None`).
+        `num_items_in_batch` (the predicted tokens of the whole accumulated batch; this batch's count when `None`),
+        plus the compressor's token cost when the draft has a compressor.
         """
         mode = "train" if model.training else "eval"
         batch = {key: value for key, value in inputs.items() if key not in ("labels", "shift_labels")}
@@ -231,29 +321,46 @@ class OnlineDistillationTrainer(Trainer):
         mask = inputs["shift_labels"][:, :draft_len] != IGNORE_INDEX  # (B, L-1): x_{t+2} is labelled
         position_ids = torch.arange(draft_len, device=embeds.device).expand(batch_size, -1)
         attention_mask = batch.get("attention_mask")
-        draft_out = model(
-            inputs_embeds=embeds,
-            target_hidden_states=features,
-            attention_mask=attention_mask[:, 1:] if attention_mask is not None else None,
-            position_ids=position_ids,
-        )
-        predicted = draft_out.last_hidden_state  # (B, L-1, hidden)
+        draft_inputs = {
+            "inputs_embeds": embeds,
+            "target_hidden_states": features,
+            "attention_mask": attention_mask[:, 1:] if attention_mask is not None else None,
+            "position_ids": position_ids,
+        }
+        compression = self._compression_inputs(draft, batch, device)
+        if compression is not None:
+            draft_inputs.update(compression)  # the compressor runs inside the draft (Gumbel gate when training)
+        draft_out = model(**draft_inputs)
+        predicted = draft_out.last_hidden_state  # (B, L-1, hidden), or (B, L', hidden) when compressed
+        compressed = draft_out.compressor_output
+        num_labelled = mask.sum()
+        source = None
+        if compressed is not None:
+            # output j of row b carries the prediction of position kept_index[b, j]: gather its targets there
+            source = compressed.kept_index.clamp(min=0)
+            kept = (compressed.kept_index >= 0) & compressed.attention_mask.bool()
+            mask = mask.gather(1, source) & kept
+            target_features = target_features.gather(1, source[..., None].expand(-1, -1, target_features.shape[-1]))
 
-        feature_loss = smooth_l1_feature_loss(predicted, target_features)  # (B, L-1)
+        feature_loss = smooth_l1_feature_loss(predicted, target_features)  # (B, L-1) or (B, L')
         # logits only where they are trained: (N, vocab) instead of (B, L-1, vocab)
         head = self.teacher.get_output_embeddings()
         selected = predicted[mask]
         if draft.lm_head is None:  # the target's head: its device and dtype
             selected = selected.to(head.weight.device, head.weight.dtype)
         draft_logits = draft.compute_logits(selected, head).to(device)
-        teacher_selected = teacher_logits[mask]
+        if source is None:
+            teacher_selected = teacher_logits[mask]
+        else:
+            rows, columns = mask.nonzero(as_tuple=True)
+            teacher_selected = teacher_logits[rows, source[rows, columns]]
         d2t = draft.d2t.to(device) if draft.d2t is not None else None
         logit_loss = soft_cross_entropy(draft_logits, teacher_selected if d2t is None else teacher_selected[:, d2t])
 
         logit_sum = logit_loss.sum()
         feature_sum = masked_sum(feature_loss, mask)
         num_tokens = mask.sum()
-        denominator = num_items_in_batch if num_items_in_batch is not None else num_tokens
+        denominator = num_items_in_batch if num_items_in_batch is not None else num_labelled
         if torch.is_tensor(denominator):
             denominator = denominator.to(feature_sum.device).clamp(min=1)
         else:
@@ -262,6 +369,17 @@ class OnlineDistillationTrainer(Trainer):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts every process's tokens while DDP averages gradients over processes
             loss = loss * self.accelerator.num_processes
+
+        compressor = getattr(draft, "compressor", None)
+        cost_sum = None
+        if compressed is not None:
+            # token_cost * mean over the rows of the accumulated batch of expected_kept_fraction (0 without images)
+            token_cost = float(compressor.config.token_cost)
+            cost_sum = token_cost * compressed.expected_kept_fraction.sum()
+            if token_cost > 0:
+                training = model.training and num_items_in_batch is not None
+                accumulated_rows = self._rows_in_accumulated_batch if training else None
+                loss = loss + cost_sum.to(loss.device) / (accumulated_rows or batch_size)
 
         with torch.no_grad():
             agreement = top1_agreement(draft_logits, teacher_selected, d2t)
@@ -276,6 +394,8 @@ class OnlineDistillationTrainer(Trainer):
                 top1_agreement=agreement.sum(),
                 est_accept_len=masked_sum(accept, mask),
             )
+            if compressor is not None:
+                self._accumulate_compressor(mode, compressor.config, compressed, cost_sum, batch_size)
         return (loss, draft_out) if return_outputs else loss
 
     def prediction_step(
@@ -298,8 +418,47 @@ class OnlineDistillationTrainer(Trainer):
         for key, value in sums.items():
             self._metric_sums[mode][key] = self._metric_sums[mode][key] + value.detach().double()
 
+    def _accumulate_compressor(
+        self,
+        mode: str,
+        config: Any,
+        compressed: Any,
+        cost_sum: torch.Tensor | None,
+        batch_size: int,
+    ) -> None:
+        """
+        Sums of the compressor's metrics: the token cost per row (`rows`), and per row with an image (`image_rows`)
+        the realised and expected kept fractions of its visual tokens, the gate's entropy and its choice counts.
+        """
+        device = self.accelerator.device
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        sums = {"rows": torch.tensor(float(batch_size), dtype=torch.float64, device=device)}
+        sums["loss_token_cost"] = cost_sum if cost_sum is not None else zero
+        if compressed is not None:
+            images = compressed.n_visual_in > 0
+            kept = compressed.n_visual_out.double() / compressed.n_visual_in.double().clamp(min=1)
+            sums["image_rows"] = images.sum()
+            sums["compressor_kept_fraction"] = kept[images].sum()
+            sums["compressor_expected_kept_fraction"] = compressed.expected_kept_fraction[images].sum()
+            if config.uses_gate:
+                sums["compressor_gate_entropy"] = gate_entropy(compressed.gate_probs)[images].sum()
+                choice = compressed.choice[images]
+                for index, name in enumerate(config.primitives):
+                    sums[f"compressor_choice_{name}"] = (choice == index).sum()
+        self._accumulate(mode, **sums)
+
+    @staticmethod
+    def _metric_count(key: str) -> str:
+        """The count a summed metric is averaged over: predicted tokens, rows, or rows with an image."""
+        if key == "loss_token_cost":
+            return "rows"
+        return "image_rows" if key.startswith("compressor_") else "tokens"
+
     def _flush_metrics(self, mode: str) -> dict[str, float]:
-        """Per-token averages of the accumulated sums over all processes; clears them."""
+        """
+        Averages of the accumulated sums over all processes (per predicted token; the token cost per row; the
+        compressor's metrics per row with an image); clears them.
+        """
         sums = self._metric_sums[mode]
         if not sums:
             return {}
@@ -308,10 +467,14 @@ class OnlineDistillationTrainer(Trainer):
         values = self.accelerator.reduce(values.to(self.accelerator.device), reduction="sum").cpu()
         sums.clear()
         totals = dict(zip(keys, values.tolist(), strict=True))
-        tokens = totals.pop("tokens")
-        if tokens <= 0:
+        counts = {key: totals.pop(key) for key in ("tokens", "rows", "image_rows") if key in totals}
+        if counts["tokens"] <= 0:
             return {}
-        return {key: value / tokens for key, value in totals.items()}
+        return {
+            key: value / counts[self._metric_count(key)]
+            for key, value in totals.items()
+            if counts.get(self._metric_count(key), 0) > 0
+        }
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the training metrics accumulated since the last log to periodic training logs."""
@@ -499,8 +662,14 @@ class OnlineDistillationTrainer(Trainer):
 
     def _training_summary(self) -> dict[str, Any]:
         args = self.args
+        loss = f"{args.lambda_logit} x soft CE (T=1) + {args.lambda_feat} x SmoothL1 (online teacher)"
+        compressor = getattr(self.accelerator.unwrap_model(self.model), "compressor", None)
+        if compressor is not None:
+            loss += f"; elastic compressor (`{compressor.config.mode}` mode) trained jointly"
+            if compressor.config.token_cost:
+                loss += f", + {compressor.config.token_cost} x expected kept visual fraction"
         return {
-            "loss": f"{args.lambda_logit} x soft CE (T=1) + {args.lambda_feat} x SmoothL1 (online teacher)",
+            "loss": loss,
             "learning_rate": args.learning_rate,
             "epochs": args.num_train_epochs,
             "global_steps": self.state.global_step,
