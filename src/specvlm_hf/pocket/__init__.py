@@ -18,6 +18,7 @@ from __future__ import annotations
 from transformers import AutoConfig, AutoModel
 
 from .build import build_pocket_vlm, default_cache_dir, load_pocket_vlm
+from .draft import demo_inputs, load_pocket_draft, pocket_ready
 from .vision import EfficientNetLiteVisionConfig, EfficientNetLiteVisionModel
 
 AutoConfig.register(EfficientNetLiteVisionConfig.model_type, EfficientNetLiteVisionConfig, exist_ok=True)
@@ -28,5 +29,8 @@ __all__ = [
     "EfficientNetLiteVisionModel",
     "build_pocket_vlm",
     "default_cache_dir",
+    "demo_inputs",
+    "load_pocket_draft",
     "load_pocket_vlm",
+    "pocket_ready",
 ]

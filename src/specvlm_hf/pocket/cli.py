@@ -1,10 +1,12 @@
-"""Command line for the pocket VLM: `build`, `train-projector` and `info`.
+"""Command line for the pocket VLM: `build`, `train-projector`, `train-draft` and `info`.
 
 Wired as `specvlm pocket ...`; also runnable as `python -m specvlm_hf.pocket.cli ...`.
 
 ```bash
 specvlm pocket build                    # compose + cache the VLM (bf16 safetensors), reused if up to date
 specvlm pocket train-projector          # reproduce assets/pocket/projector.safetensors on CPU
+specvlm pocket train-draft              # reproduce assets/pocket/draft/ (the shipped SpecVLM draft) on CPU
+specvlm pocket train-compressors        # compressor variants of the draft for the ablation (specvlm bench)
 specvlm pocket info                     # where it is, sizes, provenance
 ```
 """
@@ -24,6 +26,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch
 
 def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Builds (or fills, when given, e.g. a sub-parser of `specvlm`) the `pocket` argument parser."""
+    from .train_draft import PocketDraftRecipe
     from .train_projector import ProjectorTrainingConfig
 
     parser = parser or argparse.ArgumentParser(prog="specvlm pocket", description="The offline pocket VLM.")
@@ -64,6 +67,30 @@ def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
         default=defaults.sample_max_new_tokens,
         help="greedy tokens on held-out photos before/after training (0: skip)",
     )
+
+    recipe = PocketDraftRecipe()
+    draft = commands.add_parser(
+        "train-draft", help="reproduce the shipped SpecVLM draft (self-distilled data + online distillation, CPU)"
+    )
+    draft.add_argument("--epochs", type=int, default=recipe.epochs)
+    draft.add_argument("--learning-rate", type=float, default=recipe.learning_rate)
+    draft.add_argument("--batch-size", type=int, default=recipe.batch_size)
+    draft.add_argument("--draft-vocab-size", type=int, default=recipe.draft_vocab_size)
+    draft.add_argument("--image-records", type=int, default=recipe.image_records)
+    draft.add_argument("--compare-records", type=int, default=recipe.compare_records)
+    draft.add_argument("--text-records", type=int, default=recipe.text_records)
+    draft.add_argument("--max-new-tokens", type=int, default=recipe.max_new_tokens, help="longest self-distilled answer")
+    draft.add_argument("--seed", type=int, default=recipe.seed)
+    draft.add_argument("--work-dir", type=Path, default=None, help="data and trainer folder (default: cache)")
+    draft.add_argument("--output-dir", type=Path, default=None, help="where the draft is written (default: assets)")
+    draft.add_argument("--num-threads", type=int, default=0, help="torch threads (0: torch default)")
+
+    ablation = commands.add_parser(
+        "train-compressors", help="fine-tune compressor variants of the shipped draft for the #4 ablation"
+    )
+    ablation.add_argument("--variants", nargs="+", default=None, help="names from compressor_ablation.VARIANTS")
+    ablation.add_argument("--output-root", type=Path, default=None, help="default: cache/pocket-draft/ablation")
+    ablation.add_argument("--num-threads", type=int, default=0, help="torch threads (0: torch default)")
 
     info = commands.add_parser("info", help="print where the pocket VLM is, its size and provenance")
     info.add_argument("--cache-dir", type=Path, default=None)
@@ -119,6 +146,31 @@ def main(argv: list[str] | None = None) -> int:
         )
         command = "specvlm pocket " + shlex.join(sys.argv[1:] if argv is None else argv)
         print(train_projector(config, command=command))
+        return 0
+    if args.pocket_command == "train-draft":
+        from .train_draft import DRAFT_DIR, PocketDraftRecipe, train_pocket_draft
+
+        recipe = PocketDraftRecipe(
+            epochs=args.epochs,
+            learning_rate=args.learning_rate,
+            batch_size=args.batch_size,
+            draft_vocab_size=args.draft_vocab_size,
+            image_records=args.image_records,
+            compare_records=args.compare_records,
+            text_records=args.text_records,
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
+        )
+        command = "specvlm pocket " + shlex.join(sys.argv[1:] if argv is None else argv)
+        print(train_pocket_draft(recipe, args.work_dir, args.output_dir or DRAFT_DIR, command, args.num_threads or None))
+        return 0
+    if args.pocket_command == "train-compressors":
+        from .compressor_ablation import train_variants
+
+        if args.num_threads:
+            torch.set_num_threads(args.num_threads)
+        for name, path in train_variants(args.variants, args.output_root).items():
+            print(f"{name}: {path}")
         return 0
     return _info(args.cache_dir)
 

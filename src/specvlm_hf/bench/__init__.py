@@ -1,0 +1,43 @@
+"""`specvlm bench`: end-to-end speed and acceptance of SpecVLM drafts against plain `generate`, transformers prompt
+lookup and assisted generation, with tree-budget calibration.
+
+Pieces: [`load_prompts`] / [`render_batch`] (the JSONL prompt format), [`build_methods`] (what runs),
+[`calibrate`] / [`choose_tree_budget`] (tree budget from measured costs and a pilot), [`run_benchmark`] (interleaved
+timed calls and aggregation), [`write_results`] (`results.json`, `meta.json`, `results.md`, `results.png`), and the
+command line in `specvlm_hf.bench.cli` (`specvlm bench --help`).
+"""
+
+from __future__ import annotations
+
+from .calibration import (
+    CalibrationResult,
+    CostCurve,
+    TreeChoice,
+    calibrate,
+    choose_tree_budget,
+    predict_speedup,
+)
+from .methods import METHODS, Method, TreeSettings, build_methods
+from .prompts import BenchPrompt, load_prompts, render_batch
+from .report import write_results
+from .runner import BenchSettings, interleaved_schedule, run_benchmark
+
+__all__ = [
+    "METHODS",
+    "BenchPrompt",
+    "BenchSettings",
+    "CalibrationResult",
+    "CostCurve",
+    "Method",
+    "TreeChoice",
+    "TreeSettings",
+    "build_methods",
+    "calibrate",
+    "choose_tree_budget",
+    "interleaved_schedule",
+    "load_prompts",
+    "predict_speedup",
+    "render_batch",
+    "run_benchmark",
+    "write_results",
+]

@@ -1,0 +1,159 @@
+"""Benchmark prompts: the JSONL file format and its rendering into model inputs.
+
+One JSON object per line::
+
+    {"images": ["a.png"], "prompt": "Describe the image.", "max_new_tokens": 128}
+
+`images` (paths relative to the file's folder, possibly empty) and `max_new_tokens` are optional; blank lines are
+skipped. Rendering follows the usual VLM recipe: the user turn `[{"type": "image"}, ..., {"type": "text", ...}]` goes
+through `processor.apply_chat_template(..., add_generation_prompt=True)`, then
+`processor(images=..., text=..., return_tensors="pt")`; text-only targets use their tokenizer's chat template.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["BenchPrompt", "load_prompts", "render_batch"]
+
+_KEYS = {"images", "prompt", "max_new_tokens"}
+
+
+@dataclass(frozen=True)
+class BenchPrompt:
+    """
+    One benchmark prompt.
+
+    Args:
+        prompt (`str`): the user's text.
+        images (`tuple[Path, ...]`): absolute paths of the images, in the order they appear before the text.
+        max_new_tokens (`int`): tokens to generate.
+        source (`str`): `file:line` it was read from (for messages and reports).
+    """
+
+    prompt: str
+    images: tuple[Path, ...]
+    max_new_tokens: int
+    source: str = ""
+
+
+def load_prompts(path: str | Path, default_max_new_tokens: int = 128) -> list[BenchPrompt]:
+    """
+    Reads and validates a benchmark prompts file (JSONL).
+
+    Args:
+        path (`str` or `Path`): the file; image paths inside it are relative to its folder (absolute paths are kept).
+        default_max_new_tokens (`int`, *optional*, defaults to 128): used for lines without `max_new_tokens`.
+
+    Returns:
+        `list[BenchPrompt]`, in file order.
+
+    Raises:
+        `FileNotFoundError`: the file does not exist.
+        `ValueError`: a line is not a JSON object with a non-empty `prompt`, has unknown keys or wrong types, names an
+            image file that does not exist, or the file holds no prompt; the message gives `file:line`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {path} does not exist")
+    if default_max_new_tokens < 1:
+        raise ValueError(f"default_max_new_tokens must be positive, got {default_max_new_tokens}")
+    prompts = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        where = f"{path}:{number}"
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
+        if not isinstance(row, dict):
+            # a malformed file, reported like every other bad line
+            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")  # noqa: TRY004
+        unknown = set(row) - _KEYS
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(_KEYS)}")
+        text = row.get("prompt")
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{where}: `prompt` must be a non-empty string")
+        images = row.get("images", [])
+        if not isinstance(images, list) or not all(isinstance(name, str) and name for name in images):
+            raise ValueError(f"{where}: `images` must be a list of file names")
+        max_new = row.get("max_new_tokens", default_max_new_tokens)
+        if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
+            raise ValueError(f"{where}: `max_new_tokens` must be a positive integer, got {max_new!r}")
+        resolved = tuple((path.parent / name).resolve() for name in images)
+        missing = [str(image) for image in resolved if not image.is_file()]
+        if missing:
+            raise ValueError(f"{where}: missing image files {missing}")
+        prompts.append(BenchPrompt(prompt=text, images=resolved, max_new_tokens=max_new, source=where))
+    if not prompts:
+        raise ValueError(f"{path} holds no prompt")
+    return prompts
+
+
+def _is_multimodal_processor(processor: Any) -> bool:
+    return hasattr(processor, "image_processor") and hasattr(processor, "tokenizer")
+
+
+def render_batch(
+    processor: Any, prompts: list[BenchPrompt], device: torch.device | str, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """
+    Model inputs for a batch of prompts (left-padded when there are several).
+
+    Args:
+        processor: a multimodal processor (with `tokenizer` and `image_processor`) or, for text-only targets, a
+            tokenizer.
+        prompts (`list[BenchPrompt]`): the batch.
+        device (`torch.device` or `str`): where to put the tensors.
+        dtype (`torch.dtype`, *optional*): floating-point inputs (pixel values) are cast to it.
+
+    Returns:
+        `dict[str, torch.Tensor]` for `model.generate(**inputs)`.
+    """
+    from PIL import Image
+
+    multimodal = _is_multimodal_processor(processor)
+    tokenizer = processor.tokenizer if multimodal else processor
+    texts, images = [], []
+    templated = bool(getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None))
+    for item in prompts:
+        if item.images and not multimodal:
+            raise ValueError(f"{item.source}: the prompt has images but the target is text-only (no image processor)")
+        if multimodal:
+            content = [{"type": "image"} for _ in item.images] + [{"type": "text", "text": item.prompt}]
+            messages = [{"role": "user", "content": content}]
+        else:
+            messages = [{"role": "user", "content": item.prompt}]
+        if templated:
+            text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        else:
+            text = item.prompt
+        texts.append(text)
+        for image_path in item.images:
+            with Image.open(image_path) as image:
+                images.append(image.convert("RGB"))
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        if multimodal:
+            batch = processor(images=images or None, text=texts, return_tensors="pt", padding=len(texts) > 1)
+        else:
+            # a chat template already writes the special tokens (bos, role markers)
+            batch = processor(texts, return_tensors="pt", padding=len(texts) > 1, add_special_tokens=not templated)
+    finally:
+        tokenizer.padding_side = padding_side
+    out = {}
+    for key, value in batch.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)
+        out[key] = value.to(device)
+    return out

@@ -1,0 +1,357 @@
+"""Writing `specvlm bench` results: `results.json`, `meta.json`, `results.md` and `results.png`.
+
+`results.json` is a list of records (one per method × temperature × batch size, see
+[`~specvlm_hf.bench.runner.aggregate`]); `meta.json` holds the run's metadata (date, hardware, versions, models,
+prompts, settings, conventions) and the tree calibration; `results.md` renders both as Markdown (with an "Ablation:
+elastic compressor" table when `specvlm_tree_compressor` variants ran); `results.png` draws the speedups, the
+acceptance per depth and, when calibrated, the cost curve and the modelled speedup by tree budget.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .methods import record_label
+
+__all__ = ["CONVENTIONS", "hardware_info", "plot_results", "render_markdown", "software_versions", "write_results"]
+
+CONVENTIONS = {
+    "speedup": "summed plain generate wall time / summed method wall time over the same calls (vision encoding and "
+    "prefill included)",
+    "decode_speedup": "the same after subtracting each batch's time to first token (plain generate with "
+    "max_new_tokens=1, median over repetitions) from both; a method's own prefill extras stay in its time",
+    "speedup_tokens_per_s": "method tokens/s / plain generate tokens/s (differs from speedup when outputs differ in "
+    "length, e.g. with sampling)",
+    "mean_accept_len": "tokens emitted per target verification forward, bonus token included (1.0 = no draft token "
+    "accepted); SpecVLM methods from out.speculation; transformers methods at batch size 1 from a forward counter: "
+    "(new tokens - 1) / (target forwards - 1)",
+    "mean_accept_len_no_bonus": "accepted draft tokens per verification forward (bonus excluded); for transformers "
+    "methods mean_accept_len - 1",
+    "acceptance_per_depth": "fraction of verification cycles whose accepted path reached draft depth d (index 0 = "
+    "depth 1); SpecVLM methods only",
+    "exact_match": "at temperature 0, fraction of output rows token-identical to plain generate's in the same "
+    "repetition; null at T > 0 (see identical_to_generate)",
+    "peak_memory_mib": "peak memory of one call in MiB (2**20 bytes): CUDA max_memory_allocated, or the process's "
+    "peak resident set size reset before each call (/proc/self/clear_refs)",
+    "variant": "specvlm_tree_compressor only: the compressor variant's name (--compressor-draft NAME=PATH), "
+    "labelled compressor:NAME; every variant runs with specvlm_tree's tree knobs",
+    "draft_prefill_ms": "SpecVLM methods: wall time of the draft's prefill (compressor included) per prompt, mean over "
+    "calls (out.speculation.draft_prefill_seconds)",
+    "draft_prefill_tokens": "SpecVLM methods: positions the draft's prefill wrote to its KV cache per prompt (fewer "
+    "with a visual compressor), mean over calls",
+    "draft_prefill_gflops": "SpecVLM methods: modelled FLOPs (2 per multiply-add) of that prefill per prompt, from "
+    "draft_prefill_tokens and the draft config (specvlm_hf.models.compressor_metrics.draft_prefill_flops; at batch "
+    "size > 1 from each call's mean row length)",
+    "draft_kv_mib": "SpecVLM methods: the draft's KV cache after the prefill per prompt, in MiB "
+    "(compressor_metrics.draft_kv_bytes, draft dtype)",
+    "compressor_choices": "SpecVLM methods: the compressor's choices summed over calls (primitive -> count; 'none' "
+    "for concat mode); {} when no compressor ran",
+}
+
+
+def hardware_info(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Platform, CPU model (from `/proc/cpuinfo`), core count, torch threads and, on CUDA, the GPU name."""
+    cpu = platform.processor() or None
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_model": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def software_versions() -> dict[str, str | None]:
+    """Versions of python, torch, transformers and specvlm-hf."""
+    import transformers
+
+    from .. import __version__
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "specvlm_hf": __version__,
+    }
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe copy (NaN/inf -> None, tuples -> lists, paths -> str)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _fmt(value: Any, digits: int = 2, suffix: str = "") -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}{suffix}"
+    return f"{value}{suffix}"
+
+
+def render_markdown(records: list[dict], meta: dict) -> str:
+    """Markdown report: metadata, conventions, one table per batch size, and the calibration."""
+    lines = ["# specvlm bench results", ""]
+    hw, sw = meta.get("hardware", {}), meta.get("versions", {})
+    gpu = f", GPU {hw['gpu']}" if hw.get("gpu") else ""
+    hardware = f"{hw.get('cpu_model')} ({hw.get('cpu_count')} cores, {hw.get('torch_threads')} torch threads){gpu}"
+    software = f"torch {sw.get('torch')}, transformers {sw.get('transformers')}, specvlm-hf {sw.get('specvlm_hf')}"
+    settings = (
+        f"Device {meta.get('device')}, dtype {meta.get('dtype')}; prompts: {meta.get('prompts_file')} "
+        f"({meta.get('num_prompts')} prompts); repetitions: {meta.get('repeats')}; sampling at T > 0: "
+        f"top_k={meta.get('top_k')}, top_p={meta.get('top_p')}"
+    )
+    lines += [
+        f"- Date: {meta.get('date')}",
+        f"- Hardware: {hardware}",
+        f"- Software: {software}",
+        f"- Target: {meta.get('target')} · draft: {meta.get('draft')} · assistant: {meta.get('assistant')}",
+        f"- {settings}",
+        "",
+    ]
+    for batch_size in sorted({r["batch_size"] for r in records}):
+        header = (
+            "| Method | T | Speedup | Decode speedup | Tokens/s | Accept len (incl. bonus) | (excl.) | Exact match "
+            "| Peak MiB (+ over baseline) | Tree (k/depth/nodes) | Note |"
+        )
+        lines += [f"## Batch size {batch_size}", "", header, "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in (r for r in records if r["batch_size"] == batch_size):
+            tree = f"{r['tree_top_k']}/{r['tree_depth']}/{r['tree_total_tokens']}" if r.get("tree_depth") else "–"
+            note = (r.get("note") or "").replace("|", "/").replace("\n", " ")
+            lines.append(
+                f"| {record_label(r)} | {r['temperature']:g} | {_fmt(r.get('speedup'), suffix='×')} "
+                f"| {_fmt(r.get('decode_speedup'), suffix='×')} | {_fmt(r.get('tokens_per_s'), 1)} "
+                f"| {_fmt(r.get('mean_accept_len'))} | {_fmt(r.get('mean_accept_len_no_bonus'))} "
+                f"| {_fmt(r.get('exact_match'))} | {_fmt(r.get('peak_memory_mib'), 0)} "
+                f"(+{_fmt(r.get('peak_memory_increase_mib'), 1)}) | {tree} | {note} |"
+            )
+        lines.append("")
+    lines += _ablation_table(records)
+    calibration = meta.get("calibration")
+    if calibration:
+        chosen = calibration["chosen"]
+        choice = calibration["choice"]
+        summary = (
+            f"Chosen: `tree_top_k={chosen['tree_top_k']}`, `tree_depth={chosen['tree_depth']}`, "
+            f"`tree_total_tokens={chosen['tree_total_tokens']}` (modelled speedup "
+            f"{choice['predicted_speedup']:.2f}×, {choice['expected_tokens']:.2f} tokens per cycle). Pilot: the "
+            f"first {calibration['pilot_prompts']} prompt(s), {calibration['pilot_max_new_tokens']} tokens, depth "
+            f"{calibration['pilot_depth']}, temperature 0; plain decoding "
+            f"{1000 * calibration['plain_token_seconds']:.1f} ms/token; loop overhead "
+            f"{1000 * calibration['overhead_seconds']:.1f} ms/cycle; calibration took {calibration['seconds']:.0f} s."
+        )
+        lines += [
+            "## Tree calibration",
+            "",
+            summary,
+            "",
+            "| tree_total_tokens (pilot) | tokens per cycle | measured ms per cycle | acceptance per depth |",
+            "|---|---|---|---|",
+        ]
+        for budget, accept in calibration["pilot_mean_accept_len"].items():
+            per_cycle = calibration["pilot_seconds_per_cycle"].get(budget)
+            depth = ", ".join(f"{a:.2f}" for a in calibration["pilot_acceptance"][budget])
+            lines.append(f"| {budget} | {accept:.2f} | {_fmt(per_cycle * 1000 if per_cycle else None, 1)} | {depth} |")
+        curve = calibration["verify_curve"]
+        draft_costs = calibration["draft_costs"]
+        verify_ms = ", ".join(f"{s}: {1000 * t:.1f}" for s, t in zip(curve["sizes"], curve["seconds"]))
+        draft_ms = ", ".join(
+            f"{d}: {1000 * t:.1f}" for d, t in zip(draft_costs["depths"], draft_costs["propose_seconds"])
+        )
+        costs = (
+            f"Target forward cost (ms) by query tokens: {verify_ms}; plain one-token forward "
+            f"{1000 * calibration['decode_seconds']:.1f} ms. Draft expansion (ms) by depth: {draft_ms} (fitted "
+            f"{1000 * draft_costs['step_seconds']:.1f} ms per step); catch-up "
+            f"{1000 * draft_costs['extend_seconds']:.1f} ms."
+        )
+        lines += ["", costs, ""]
+    lines += ["## Conventions", ""]
+    lines += [f"- `{key}`: {text}" for key, text in CONVENTIONS.items()]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _choices(histogram: dict[str, int] | None) -> str:
+    if not histogram:
+        return "–"
+    return ", ".join(f"{name} {count}" for name, count in histogram.items())
+
+
+def _ablation_table(records: list[dict]) -> list[str]:
+    """The "Ablation: elastic compressor" section: one row per compressor variant (and `specvlm_tree` as reference)
+    per batch size and temperature; empty when no `specvlm_tree_compressor` variant ran."""
+    variants = [r for r in records if r["method"] == "specvlm_tree_compressor" and r.get("variant") is not None]
+    if not variants:
+        return []
+    intro = (
+        "Every variant runs with the tree knobs of `specvlm_tree` (its row is the reference), so only the compressor "
+        "differs. Draft prefill columns are means per prompt."
+    )
+    header = (
+        "| Variant | Batch | T | Accept len (incl. bonus) | Speedup | Exact match | Draft prefill ms | Draft prefill "
+        "tokens | Draft prefill GFLOPs | Draft KV MiB | Compressor choices | Note |"
+    )
+    lines = ["## Ablation: elastic compressor", "", intro, "", header, "|---" * 12 + "|"]
+    cells = sorted({(r["batch_size"], r["temperature"]) for r in variants})
+    for batch_size, temperature in cells:
+        cell = [r for r in records if r["batch_size"] == batch_size and r["temperature"] == temperature]
+        rows = [r for r in cell if r["method"] == "specvlm_tree"] + [r for r in variants if r in cell]
+        for r in rows:
+            name = "specvlm_tree (reference)" if r["method"] == "specvlm_tree" else f"`{r['variant']}`"
+            note = (r.get("note") or "").replace("|", "/").replace("\n", " ")
+            lines.append(
+                f"| {name} | {batch_size} | {temperature:g} | {_fmt(r.get('mean_accept_len'))} "
+                f"| {_fmt(r.get('speedup'), suffix='×')} | {_fmt(r.get('exact_match'))} "
+                f"| {_fmt(r.get('draft_prefill_ms'), 2)} | {_fmt(r.get('draft_prefill_tokens'), 1)} "
+                f"| {_fmt(r.get('draft_prefill_gflops'), 4)} | {_fmt(r.get('draft_kv_mib'), 3)} "
+                f"| {_choices(r.get('compressor_choices'))} | {note} |"
+            )
+    lines.append("")
+    return lines
+
+
+def plot_results(records: list[dict], meta: dict, path: str | Path) -> Path | None:
+    """
+    Draws `results.png` (Agg backend): on a full-width top row, speedup bars per method (compressor variants labelled
+    `compressor:NAME`), temperature and batch size; below, the acceptance per depth of the SpecVLM methods (first
+    batch size) and, when calibrated, the verification cost curve and the modelled speedup by budget.
+
+    Returns:
+        the path, or `None` when matplotlib is not installed (`pip install specvlm-hf[bench]`).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        return None
+    calibration = meta.get("calibration")
+    batch_sizes = sorted({r["batch_size"] for r in records})
+    temperatures = sorted({r["temperature"] for r in records})
+    labels = list(dict.fromkeys(record_label(r) for r in records))
+    groups = [(b, t) for b in batch_sizes for t in temperatures]
+    # the speedup bars get the whole top row, wide enough for every method (compressor variants included)
+    n_bottom = 2 if calibration else 1
+    width_in = min(max(6.0 * n_bottom, 12.0, 1.5 + len(labels) * (0.25 + 0.2 * len(groups))), 32.0)
+    fig = plt.figure(figsize=(width_in, 9.5))
+    grid = fig.add_gridspec(2, n_bottom, height_ratios=[1.1, 1.0])
+    axes = [fig.add_subplot(grid[0, :]), *(fig.add_subplot(grid[1, i]) for i in range(n_bottom))]
+
+    ax = axes[0]
+    width = 0.8 / max(len(groups), 1)
+    annotate = len(labels) * len(groups) <= 64
+    for i, (batch_size, temperature) in enumerate(groups):
+        values = []
+        for label in labels:
+            match = [r for r in records if record_label(r) == label and r["batch_size"] == batch_size
+                     and r["temperature"] == temperature]
+            values.append(match[0].get("speedup") or 0.0 if match else 0.0)
+        xs = [m + (i - (len(groups) - 1) / 2) * width for m in range(len(labels))]
+        bars = ax.bar(xs, values, width, label=f"T={temperature:g}, batch {batch_size}")
+        if annotate:
+            ax.bar_label(bars, labels=[f"{v:.2f}" if v else "" for v in values], fontsize=6, padding=1)
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
+    ax.set_xlim(-0.6, len(labels) - 0.4)
+    ax.set_ylabel("end-to-end speedup vs generate")
+    ax.set_title("Speedup (0 = not run)")
+    ax.legend(fontsize=7)
+
+    ax = axes[1]
+    colors = plt.get_cmap("tab20" if len(labels) > 10 else "tab10")
+    styles = ["-", "--", ":", "-."]
+    for r in records:
+        per_depth = r.get("acceptance_per_depth")
+        if per_depth and r["batch_size"] == batch_sizes[0]:
+            label = record_label(r)  # one colour per method, one line style per temperature
+            ax.plot(range(1, len(per_depth) + 1), per_depth, marker="o", color=colors(labels.index(label) % 20),
+                    ls=styles[temperatures.index(r["temperature"]) % len(styles)],
+                    label=f"{label} T={r['temperature']:g}")
+    ax.set_xlabel("draft depth")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_ylabel("fraction of cycles reaching depth")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"Acceptance per depth (batch {batch_sizes[0]})")
+    if ax.lines:
+        ax.legend(fontsize=6 if len(ax.lines) > 8 else 7, ncol=2 if len(ax.lines) > 8 else 1)
+
+    if calibration:
+        ax = axes[2]
+        curve = calibration["verify_curve"]
+        ax.plot(curve["sizes"], [1000 * s for s in curve["seconds"]], marker=".", color="C0",
+                label="target forward (ms)")
+        ax.set_xlabel("query tokens per target forward / tree_total_tokens")
+        ax.set_ylabel("ms", color="C0")
+        twin = ax.twinx()
+        chosen = calibration["chosen"]
+        for depth, row in calibration["choice"]["grid"].items():
+            if int(depth) == chosen["tree_depth"] or int(depth) == calibration["pilot_depth"]:
+                xs = [n for n, v in enumerate(row, start=1) if v is not None]
+                twin.plot(xs, [row[n - 1] for n in xs], ls="--", label=f"modelled speedup, depth {depth}")
+        twin.scatter([chosen["tree_total_tokens"]], [calibration["choice"]["predicted_speedup"]], color="red",
+                     zorder=5, label=f"chosen: depth {chosen['tree_depth']}, {chosen['tree_total_tokens']} nodes")
+        twin.set_ylabel("modelled speedup")
+        handles = ax.get_legend_handles_labels()
+        twin_handles = twin.get_legend_handles_labels()
+        twin.legend(handles[0] + twin_handles[0], handles[1] + twin_handles[1], fontsize=7, loc="lower right")
+        ax.set_title("Tree calibration")
+    fig.suptitle(f"{meta.get('target')} · {meta.get('device')} {meta.get('dtype')} · {meta.get('date')}", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_results(out_dir: str | Path, records: list[dict], meta: dict) -> dict[str, Path]:
+    """
+    Writes `results.json` (the list of records), `meta.json`, `results.md` and `results.png` into `out_dir`.
+
+    Returns:
+        `dict[str, Path]`: what was written (`png` is absent without matplotlib).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records, meta = _clean(records), _clean(meta)
+    written = {"json": out_dir / "results.json", "meta": out_dir / "meta.json", "md": out_dir / "results.md"}
+    written["json"].write_text(json.dumps(records, indent=2) + "\n")
+    written["meta"].write_text(json.dumps(meta, indent=2) + "\n")
+    written["md"].write_text(render_markdown(records, meta))
+    png = plot_results(records, meta, out_dir / "results.png")
+    if png is not None:
+        written["png"] = png
+    return written

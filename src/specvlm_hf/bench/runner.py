@@ -1,0 +1,550 @@
+"""The measurement loop of `specvlm bench`: warm-up, interleaved timed runs, and per-method aggregation.
+
+Protocol (per batch size):
+
+1. every method is warmed up once per temperature on the first batch (a short generate); a transformers assisted
+   method that refuses the batch size (transformers 5.23 runs assisted decoding at batch size 1 only) is recorded as
+   unsupported there, with the error;
+2. for each repetition and each batch of prompts, the time to first token is measured (plain `generate` with
+   `max_new_tokens=1`: vision encoding + prefill + one token), then every method runs once per temperature, in an
+   order rotated by one method per repetition and per batch ([`interleaved_schedule`]), so that slow drift (thermal,
+   other processes) affects every method alike;
+3. each call is timed end to end (`generate` wall time, vision encoding and prefill included); at temperature `T > 0`
+   every method of a batch starts from the same `torch.manual_seed`.
+
+Aggregation per method, temperature and batch size ([`aggregate`]): `speedup` = summed plain `generate` time / summed
+method time over the same calls; `decode_speedup` = the same after subtracting the batch's time to first token
+(median over repetitions) from both; `tokens_per_s`; `mean_accept_len` (bonus token included) and
+`mean_accept_len_no_bonus`; `acceptance_per_depth` (SpecVLM methods); `exact_match` at `T = 0` (fraction of rows whose
+tokens equal plain `generate`'s in the same repetition), `None` at `T > 0`; peak memory; for SpecVLM methods the draft's
+prefill cost per prompt (`draft_prefill_ms`, `draft_prefill_tokens`, `draft_prefill_gflops`, `draft_kv_mib`) and the
+compressor's choices (`compressor_choices`).
+
+Methods are identified by their label (`Method.label`: the method name, or `compressor:VARIANT` for each compressor
+variant), so the variants of `specvlm_tree_compressor` are warmed up, interleaved and aggregated like any other method.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..generation.stats import SpeculationStats
+from ..models.compressor_metrics import draft_kv_bytes, draft_prefill_flops
+from .methods import Method
+from .prompts import BenchPrompt, render_batch
+
+__all__ = [
+    "BenchSettings",
+    "PeakMemory",
+    "RunResult",
+    "ScheduleItem",
+    "aggregate",
+    "interleaved_schedule",
+    "rotated",
+    "run_benchmark",
+]
+
+
+@dataclass
+class BenchSettings:
+    """
+    What to measure.
+
+    Args:
+        temperatures (`list[float]`): `0` = greedy; `T > 0` = sampling with `temperature=T`, `top_k`, `top_p`.
+        batch_sizes (`list[int]`): batch sizes to sweep (prompts are grouped in file order).
+        repeats (`int`): interleaved repetitions.
+        seed (`int`): base seed; the call for batch `u`, repetition `r` uses `seed + 1000 * u + r` for every method.
+        top_k (`int`): `top_k` when sampling (0 = off).
+        top_p (`float`): `top_p` when sampling (1.0 = off).
+        warmup_tokens (`int`): `max_new_tokens` of the warm-up calls.
+        cap_new_tokens (`int`, *optional*): upper bound on every prompt's `max_new_tokens`.
+    """
+
+    temperatures: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    batch_sizes: list[int] = field(default_factory=lambda: [1])
+    repeats: int = 2
+    seed: int = 0
+    top_k: int = 0
+    top_p: float = 1.0
+    warmup_tokens: int = 8
+    cap_new_tokens: int | None = None
+
+    def __post_init__(self):
+        if not self.temperatures or any(t < 0 for t in self.temperatures):
+            raise ValueError(f"temperatures must be non-negative, got {self.temperatures}")
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            raise ValueError(f"batch sizes must be positive, got {self.batch_sizes}")
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be positive, got {self.repeats}")
+
+
+@dataclass(frozen=True)
+class ScheduleItem:
+    """One timed call: repetition, batch index, temperature and method."""
+
+    repeat: int
+    unit: int
+    temperature: float
+    method: str
+
+
+def rotated(items: Sequence[str], shift: int) -> list[str]:
+    """`items` rotated left by `shift` (modulo its length)."""
+    items = list(items)
+    if not items:
+        return items
+    shift %= len(items)
+    return items[shift:] + items[:shift]
+
+
+def interleaved_schedule(
+    methods: Sequence[str], n_units: int, repeats: int, temperatures: Sequence[float] = (0.0,)
+) -> list[ScheduleItem]:
+    """
+    The order of the timed calls: for each repetition, each batch of prompts and each temperature, every method once,
+    in an order rotated by `repeat + unit` (so each method takes every position across the run).
+
+    Args:
+        methods (`Sequence[str]`): method labels ([`~specvlm_hf.bench.methods.Method.label`]).
+        n_units (`int`): batches of prompts.
+        repeats (`int`): repetitions.
+        temperatures (`Sequence[float]`, *optional*): temperatures.
+
+    Returns:
+        `list[ScheduleItem]` of length `repeats * n_units * len(temperatures) * len(methods)`.
+    """
+    schedule = []
+    for repeat in range(repeats):
+        for unit in range(n_units):
+            order = rotated(methods, repeat + unit)
+            for temperature in temperatures:
+                schedule.extend(ScheduleItem(repeat, unit, float(temperature), name) for name in order)
+    return schedule
+
+
+class PeakMemory:
+    """
+    Peak memory of one call: CUDA `max_memory_allocated` on GPU, otherwise the process's peak resident set size,
+    reset before each call through `/proc/self/clear_refs` (Linux). Where that reset is not possible the process's
+    lifetime peak (`getrusage` `ru_maxrss`) is reported instead, which is then the same for every later method.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            self.kind = "cuda_max_memory_allocated"
+        elif self._can_reset_rss():
+            self.kind = "cpu_peak_rss"
+        else:
+            self.kind = "cpu_peak_rss_process_lifetime"
+
+    @staticmethod
+    def _can_reset_rss() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")
+            return PeakMemory._vm_hwm() is not None
+        except OSError:
+            return False
+
+    @staticmethod
+    def _vm_hwm() -> int | None:
+        try:
+            with open("/proc/self/status") as handle:
+                for line in handle:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return None
+
+    def reset(self) -> int:
+        """Starts a new peak; returns the current usage in bytes (the baseline of the call)."""
+        if self.kind == "cuda_max_memory_allocated":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return int(torch.cuda.memory_allocated(self.device))
+        if self.kind == "cpu_peak_rss":
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")
+            return int(self._vm_hwm() or 0)  # right after the reset, the high-water mark is the current RSS
+        return self.read()
+
+    def read(self) -> int:
+        """Peak bytes since the last `reset`."""
+        if self.kind == "cuda_max_memory_allocated":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        if self.kind == "cpu_peak_rss":
+            return int(self._vm_hwm() or 0)
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
+
+
+class _ForwardCounter:
+    """Counts forwards of the target (prefill + decode/verification steps) through a forward hook."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.count = 0
+        self.handle = model.register_forward_hook(self._hook)
+
+    def _hook(self, *_: Any) -> None:
+        self.count += 1
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+@dataclass
+class RunResult:
+    """
+    One timed `generate` call.
+
+    Args:
+        method (`str`): the method's label ([`~specvlm_hf.bench.methods.Method.label`]).
+        temperature (`float`), batch_size (`int`), unit (`int`), repeat (`int`): what ran.
+        seconds (`float`): end-to-end wall time of the call.
+        outputs (`list[list[int]]`): generated tokens per row, up to and including the first eos.
+        target_forwards (`int`): target forwards of the call (prefill included).
+        stats (`SpeculationStats`, *optional*): the SpecVLM loop's statistics.
+        peak_memory_bytes (`int`): peak memory of the call (see [`PeakMemory`]).
+        peak_memory_increase_bytes (`int`): peak minus the usage just before the call.
+    """
+
+    method: str
+    temperature: float
+    batch_size: int
+    unit: int
+    repeat: int
+    seconds: float
+    outputs: list[list[int]]
+    target_forwards: int
+    stats: SpeculationStats | None = None
+    peak_memory_bytes: int = 0
+    peak_memory_increase_bytes: int = 0
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(row) for row in self.outputs)
+
+
+def _eos_ids(target: Any) -> set[int]:
+    eos = getattr(target.generation_config, "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
+def _rows(sequences: torch.Tensor, prompt_len: int, eos_ids: set[int]) -> list[list[int]]:
+    rows = []
+    for row in sequences[:, prompt_len:].tolist():
+        for i, token in enumerate(row):
+            if token in eos_ids:
+                row = row[: i + 1]
+                break
+        rows.append(row)
+    return rows
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _generate_kwargs(method: Method, temperature: float, max_new_tokens: int, settings: BenchSettings) -> dict:
+    kwargs = dict(method.generate_kwargs, max_new_tokens=max_new_tokens)
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, top_k=settings.top_k, top_p=settings.top_p)
+    else:
+        kwargs.update(do_sample=False)
+    if method.is_specvlm:
+        kwargs["return_dict_in_generate"] = True
+    return kwargs
+
+
+class _Caller:
+    """Runs and times single calls (shared state: device, forward counter, memory probe)."""
+
+    def __init__(self, target: Any, settings: BenchSettings):
+        self.target = target
+        self.settings = settings
+        self.device = target.get_output_embeddings().weight.device
+        self.eos_ids = _eos_ids(target)
+        self.memory = PeakMemory(self.device)
+        self.counter = _ForwardCounter(target)
+
+    def close(self) -> None:
+        self.counter.close()
+
+    def call(self, method: Method, inputs: dict, temperature: float, max_new_tokens: int, seed: int):
+        kwargs = _generate_kwargs(method, temperature, max_new_tokens, self.settings)
+        torch.manual_seed(seed)
+        baseline = self.memory.reset()
+        self.counter.count = 0
+        _sync(self.device)
+        start = time.perf_counter()
+        out = self.target.generate(**inputs, **kwargs)
+        _sync(self.device)
+        seconds = time.perf_counter() - start
+        peak = self.memory.read()
+        sequences = out.sequences if kwargs.get("return_dict_in_generate") else out
+        stats = getattr(out, "speculation", None) if method.is_specvlm else None
+        rows = _rows(sequences, inputs["input_ids"].shape[1], self.eos_ids)
+        return seconds, rows, self.counter.count, stats, peak, max(peak - baseline, 0)
+
+    def ttft(self, inputs: dict) -> float:
+        _sync(self.device)
+        start = time.perf_counter()
+        self.target.generate(**inputs, max_new_tokens=1, do_sample=False)
+        _sync(self.device)
+        return time.perf_counter() - start
+
+
+def run_benchmark(
+    target: Any,
+    processor: Any,
+    prompts: Sequence[BenchPrompt],
+    methods: Sequence[Method],
+    settings: BenchSettings,
+    *,
+    progress: bool = True,
+) -> tuple[list[dict], list[RunResult], dict[tuple[int, int], list[float]]]:
+    """
+    Runs the whole benchmark (see the module docstring for the protocol).
+
+    Args:
+        target: the target model.
+        processor: its processor (or tokenizer for text-only targets).
+        prompts (`Sequence[BenchPrompt]`): the prompts.
+        methods (`Sequence[Method]`): from [`~specvlm_hf.bench.methods.build_methods`]; `generate` must be first.
+        settings ([`BenchSettings`]): temperatures, batch sizes, repetitions, sampling settings.
+        progress (`bool`, *optional*, defaults to `True`): show a tqdm progress bar on stderr.
+
+    Returns:
+        `tuple`: the records (one dict per method × temperature × batch size, see [`aggregate`]), every
+        [`RunResult`], and the time-to-first-token samples per `(batch_size, unit)`.
+    """
+    from tqdm.auto import tqdm
+
+    if not methods or methods[0].name != "generate":
+        raise ValueError("the first method must be plain `generate` (the baseline)")
+    labels = [m.label for m in methods]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"method labels must be unique (give compressor variants distinct names), got {labels}")
+    caller = _Caller(target, settings)
+    runs: list[RunResult] = []
+    ttfts: dict[tuple[int, int], list[float]] = {}
+    records: list[dict] = []
+    try:
+        for batch_size in settings.batch_sizes:
+            units = [list(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
+            inputs = [render_batch(processor, unit, caller.device, target.dtype) for unit in units]
+            max_new = [max(p.max_new_tokens for p in unit) for unit in units]
+            if settings.cap_new_tokens:
+                max_new = [min(m, settings.cap_new_tokens) for m in max_new]
+            active = [m for m in methods if m.available]
+            schedule_len = settings.repeats * len(units) * (len(settings.temperatures) * len(active) + 1)
+            bar = tqdm(total=len(active) * len(settings.temperatures) + schedule_len, desc=f"bench batch={batch_size}",
+                       disable=not progress, file=sys.stderr, leave=True)
+            for method in active:
+                for temperature in settings.temperatures:
+                    bar.set_postfix_str(f"warm-up {method.label} T={temperature:g}")
+                    try:
+                        caller.call(method, inputs[0], temperature, settings.warmup_tokens, settings.seed)
+                    except ValueError as error:
+                        if not method.is_transformers_assisted:
+                            raise
+                        method.unsupported_batch_sizes[batch_size] = str(error)
+                    bar.update(1)
+            runnable = [m for m in active if m.runs_at(batch_size)]
+            by_label = {m.label: m for m in runnable}
+            schedule = interleaved_schedule([m.label for m in runnable], len(units), settings.repeats,
+                                            settings.temperatures)
+            bar.total = len(active) * len(settings.temperatures) + len(schedule) + settings.repeats * len(units)
+            current = None
+            for item in schedule:
+                if (item.repeat, item.unit) != current:
+                    current = (item.repeat, item.unit)
+                    bar.set_postfix_str(f"time to first token, batch {item.unit}")
+                    ttfts.setdefault((batch_size, item.unit), []).append(caller.ttft(inputs[item.unit]))
+                    bar.update(1)
+                bar.set_postfix_str(f"{item.method} T={item.temperature:g} batch {item.unit} rep {item.repeat}")
+                seed = settings.seed + 1000 * item.unit + item.repeat
+                seconds, rows, forwards, stats, peak, increase = caller.call(
+                    by_label[item.method], inputs[item.unit], item.temperature, max_new[item.unit], seed
+                )
+                runs.append(RunResult(item.method, item.temperature, batch_size, item.unit, item.repeat, seconds,
+                                      rows, forwards, stats, peak, increase))
+                bar.update(1)
+            bar.close()
+            records += aggregate(
+                [r for r in runs if r.batch_size == batch_size], methods, settings.temperatures, batch_size,
+                {unit: values for (b, unit), values in ttfts.items() if b == batch_size}, caller.memory.kind,
+            )
+    finally:
+        caller.close()
+    return records, runs, ttfts
+
+
+def _ratio(numerator: float, denominator: float) -> float | None:
+    return numerator / denominator if denominator > 0 and numerator > 0 else None
+
+
+#: Per-prompt draft prefill costs of SpecVLM methods (`None` for the other methods).
+DRAFT_PREFILL_KEYS = ("draft_prefill_ms", "draft_prefill_tokens", "draft_prefill_gflops", "draft_kv_mib")
+
+
+def draft_prefill_costs(runs: Sequence[RunResult], draft: Any = None) -> dict[str, Any]:
+    """
+    Draft prefill cost of SpecVLM calls, as means per prompt (batch row) over `runs`.
+
+    `draft_prefill_ms` and `draft_prefill_tokens` come from each call's `SpeculationStats` (`draft_prefill_seconds`,
+    `draft_prefill_tokens`, summed over the rows of a call); `draft_prefill_gflops` and `draft_kv_mib` are computed
+    from those token counts with [`~specvlm_hf.models.compressor_metrics.draft_prefill_flops`] and
+    [`~specvlm_hf.models.compressor_metrics.draft_kv_bytes`] for `draft`'s configuration and dtype (`None` without a
+    draft). The FLOPs are quadratic in the prefill length, so at batch size > 1 they are computed from each call's mean
+    row length (exact at batch size 1). A row that ends at its first token never runs the draft and counts as 0.
+    `compressor_choices` sums the compressor's choice histograms (`{}` when no compressor ran).
+
+    Returns:
+        `dict` with `draft_prefill_ms`, `draft_prefill_tokens`, `draft_prefill_gflops`, `draft_kv_mib` (floats or
+        `None` when no row ran) and `compressor_choices`.
+    """
+    rows = sum(len(r.outputs) for r in runs if r.stats is not None)
+    choices: dict[str, int] = {}
+    if not rows:
+        return {**dict.fromkeys(DRAFT_PREFILL_KEYS), "compressor_choices": choices}
+    seconds = tokens = flops = 0.0
+    for r in runs:
+        if r.stats is None:
+            continue
+        seconds += r.stats.draft_prefill_seconds
+        tokens += r.stats.draft_prefill_tokens
+        if draft is not None:
+            n_rows = max(len(r.outputs), 1)
+            flops += n_rows * draft_prefill_flops(round(r.stats.draft_prefill_tokens / n_rows), draft.config)
+        for name, count in r.stats.compressor_choices.items():
+            choices[name] = choices.get(name, 0) + count
+    kv_mib = None
+    if draft is not None:
+        dtype = next(draft.parameters()).dtype
+        kv_mib = draft_kv_bytes(int(tokens), draft.config, dtype) / rows / 2**20
+    return {
+        "draft_prefill_ms": 1000 * seconds / rows,
+        "draft_prefill_tokens": tokens / rows,
+        "draft_prefill_gflops": flops / rows / 1e9 if draft is not None else None,
+        "draft_kv_mib": kv_mib,
+        "compressor_choices": choices,
+    }
+
+
+def aggregate(
+    runs: Sequence[RunResult],
+    methods: Sequence[Method],
+    temperatures: Sequence[float],
+    batch_size: int,
+    ttft: dict[int, list[float]],
+    memory_kind: str = "cpu_peak_rss",
+) -> list[dict]:
+    """
+    One record per method and temperature for one batch size.
+
+    Every ratio is taken over the calls (repetition, batch of prompts) that both the method and plain `generate` ran.
+    Runs are matched to methods by label ([`~specvlm_hf.bench.methods.Method.label`]).
+
+    Returns:
+        `list[dict]` with keys `method`, `variant`, `temperature`, `batch_size`, `available`, `note`, `speedup`,
+        `decode_speedup`, `speedup_tokens_per_s`, `seconds`, `generate_seconds`, `new_tokens`, `tokens_per_s`,
+        `ttft_seconds`, `mean_accept_len`, `mean_accept_len_no_bonus`, `acceptance_per_depth`, `target_forwards`,
+        `exact_match`, `identical_to_generate`, `peak_memory_mib`, `peak_memory_increase_mib`, `peak_memory_kind`,
+        `calls`, `tree_top_k`, `tree_depth`, `tree_total_tokens`, and for SpecVLM methods (`None` / `{}` otherwise)
+        the per-prompt draft prefill costs of [`draft_prefill_costs`]: `draft_prefill_ms`, `draft_prefill_tokens`,
+        `draft_prefill_gflops`, `draft_kv_mib`, `compressor_choices`.
+    """
+    ttft_median = {unit: statistics.median(values) for unit, values in ttft.items() if values}
+    records = []
+    for temperature in temperatures:
+        plain = {(r.repeat, r.unit): r for r in runs if r.method == "generate" and r.temperature == temperature}
+        for method in methods:
+            note = method.unsupported_batch_sizes.get(batch_size, method.note) if method.available else method.note
+            if method.is_specvlm and method.available and batch_size > 1:
+                note = "; ".join(filter(None, [note, "rows verified one after another after one batched prefill"]))
+            record: dict[str, Any] = {
+                "method": method.name,
+                "variant": method.variant,
+                "temperature": float(temperature),
+                "batch_size": batch_size,
+                "available": method.runs_at(batch_size),
+                "note": note,
+                "tree_top_k": method.tree.top_k if method.tree else None,
+                "tree_depth": method.tree.depth if method.tree else None,
+                "tree_total_tokens": method.tree.total_tokens if method.tree else None,
+                **dict.fromkeys(DRAFT_PREFILL_KEYS),
+                "compressor_choices": {} if method.is_specvlm else None,
+            }
+            mine = [r for r in runs if r.method == method.label and r.temperature == temperature]
+            paired = [(r, plain[(r.repeat, r.unit)]) for r in mine if (r.repeat, r.unit) in plain]
+            if not paired:
+                record.update(dict.fromkeys(
+                    ("speedup", "decode_speedup", "speedup_tokens_per_s", "seconds", "generate_seconds", "new_tokens",
+                     "tokens_per_s", "ttft_seconds", "mean_accept_len", "mean_accept_len_no_bonus",
+                     "acceptance_per_depth", "target_forwards", "exact_match", "identical_to_generate",
+                     "peak_memory_mib", "peak_memory_increase_mib", "calls")
+                ))
+                record["peak_memory_kind"] = memory_kind
+                records.append(record)
+                continue
+            seconds = sum(r.seconds for r, _ in paired)
+            plain_seconds = sum(p.seconds for _, p in paired)
+            first = sum(ttft_median.get(r.unit, 0.0) for r, _ in paired)
+            tokens = sum(r.new_tokens for r, _ in paired)
+            plain_tokens = sum(p.new_tokens for _, p in paired)
+            rows = [(a, b) for r, p in paired for a, b in zip(r.outputs, p.outputs)]
+            identical = sum(a == b for a, b in rows) / len(rows) if rows else None
+            accept = accept_no_bonus = per_depth = None
+            if method.is_specvlm:
+                stats = SpeculationStats()
+                for r, _ in paired:
+                    if r.stats is not None:
+                        stats = stats.merge(r.stats)
+                accept, accept_no_bonus = stats.mean_accept_len, stats.mean_accepted_draft_tokens
+                per_depth = stats.acceptance_per_depth
+                if method.tree is not None and stats.target_forwards:  # depths never reached: 0, not missing
+                    per_depth = per_depth + [0.0] * (method.tree.depth - len(per_depth))
+                record.update(draft_prefill_costs([r for r, _ in paired], method.draft))
+            elif batch_size == 1:
+                # tokens per verification forward: the prefill forward emits the first token of each call
+                emitted = sum(max(r.new_tokens - 1, 0) for r, _ in paired)
+                verifications = sum(max(r.target_forwards - 1, 0) for r, _ in paired)
+                if verifications:
+                    accept = emitted / verifications
+                    accept_no_bonus = accept - 1.0
+            record.update(
+                speedup=_ratio(plain_seconds, seconds),
+                decode_speedup=_ratio(plain_seconds - first, seconds - first),
+                speedup_tokens_per_s=_ratio(tokens / seconds, plain_tokens / plain_seconds) if plain_tokens else None,
+                seconds=seconds,
+                generate_seconds=plain_seconds,
+                new_tokens=tokens,
+                tokens_per_s=tokens / seconds if seconds > 0 else None,
+                ttft_seconds=first / len(paired),
+                mean_accept_len=accept,
+                mean_accept_len_no_bonus=accept_no_bonus,
+                acceptance_per_depth=per_depth,
+                target_forwards=sum(r.target_forwards for r, _ in paired),
+                exact_match=identical if temperature == 0 else None,
+                identical_to_generate=identical,
+                peak_memory_mib=max(r.peak_memory_bytes for r, _ in paired) / 2**20,
+                peak_memory_increase_mib=max(r.peak_memory_increase_bytes for r, _ in paired) / 2**20,
+                peak_memory_kind=memory_kind,
+                calls=len(paired),
+            )
+            records.append(record)
+    return records
