@@ -72,8 +72,20 @@ def test_reduced_draft_vocabulary_is_lossless_and_maps_ids():
 
 
 def _save(tmp_path, draft):
+    """Saves `draft` plus `reference.pt`: a fixed input and the draft's output on it, for the reloaded copy to match."""
     path = tmp_path / "draft"
     draft.save_pretrained(path)
+    generator = torch.Generator().manual_seed(0)
+    hidden = draft.config.hidden_size
+    inputs = {
+        "inputs_embeds": torch.randn(1, 7, hidden, generator=generator),
+        "target_hidden_states": torch.randn(1, 7, draft.config.target_hidden_size * len(draft.config.target_layer_ids),
+                                            generator=generator),
+        "position_ids": torch.arange(3, 10)[None],  # positions matter: a broken rotary embedding changes the output
+    }
+    with torch.no_grad():
+        output = draft(**inputs).last_hidden_state
+    torch.save({"inputs": inputs, "output": output}, path / "reference.pt")
     return path
 
 
@@ -90,6 +102,12 @@ def test_save_load_round_trip_in_process(tmp_path):
     assert type(loaded) is SpecVLMDraftModel
     for (name, a), (_, b) in zip(draft.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
+    # non-persistent buffers (rotary inv_freq) are not in the checkpoint: loading must recompute them
+    for (name, a), (_, b) in zip(draft.named_buffers(), loaded.named_buffers()):
+        assert torch.equal(a, b), name
+    reference = torch.load(path / "reference.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**reference["inputs"]).last_hidden_state, reference["output"])
 
 
 FRESH_PROCESS = textwrap.dedent(
@@ -103,6 +121,9 @@ FRESH_PROCESS = textwrap.dedent(
     state = draft.state_dict()
     assert set(saved) == set(state), (set(saved) ^ set(state))
     assert all(torch.equal(saved[k], state[k]) for k in saved)
+    reference = torch.load(sys.argv[1] + "/reference.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(draft(**reference["inputs"]).last_hidden_state, reference["output"])
     print("OK", type(draft).__module__, bool(getattr(type(draft), "_is_specvlm_draft", False)))
     """
 )

@@ -146,6 +146,10 @@ class SpecVLMDraftPreTrainedModel(PreTrainedModel):
                 module.bias.zero_()
         elif isinstance(module, LlamaRMSNorm):
             module.weight.fill_(1.0)
+        else:
+            # everything else, notably the rotary embedding's non-persistent `inv_freq` buffers: they are not in the
+            # checkpoint, so `from_pretrained` (which builds on the meta device) must recompute them here
+            super()._init_weights(module)
 
 
 class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel):
