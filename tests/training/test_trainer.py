@@ -20,7 +20,7 @@ from specvlm_hf.training import (
 )
 from specvlm_hf.training.losses import smooth_l1_feature_loss, soft_cross_entropy
 
-from .training_helpers import make_records, requires_loop, tiny_args
+from .training_helpers import make_records, requires_loop, tiny_args, train_batch_vs_accumulation
 
 
 def draft_files(draft: torch.nn.Module, directory) -> set[str]:
@@ -136,20 +136,7 @@ def test_gradient_accumulation_is_exact_with_unequal_token_counts(target, proces
 
     torch.manual_seed(7)
     initial = specvlm_hf.SpecVLMDraftModel.from_target(target)
-    results = []
-    for batch_size, accumulation in ((2, 1), (1, 2)):
-        draft = copy.deepcopy(initial)
-        args = tiny_args(
-            tmp_path / f"bs{batch_size}",
-            per_device_train_batch_size=batch_size,
-            gradient_accumulation_steps=accumulation,
-            optim="sgd",
-            learning_rate=0.5,
-            lr_scheduler_type="constant",
-            max_grad_norm=0.0,
-        )
-        OnlineDistillationTrainer(model=draft, teacher=target, args=args, train_dataset=dataset).train()
-        results.append(dict(draft.named_parameters()))
+    results = train_batch_vs_accumulation(initial, target, dataset, tmp_path)
     moved = max((results[0][n] - p).abs().max().item() for n, p in initial.named_parameters())
     assert moved > 1e-3
     for name in results[0]:

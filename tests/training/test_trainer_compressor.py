@@ -16,7 +16,7 @@ from specvlm_hf.testing import FAMILIES, MULTIMODAL_FAMILIES, build_tiny_target,
 from specvlm_hf.training import DistillationDataset, OnlineDistillationTrainer
 from specvlm_hf.training.losses import gate_entropy, smooth_l1_feature_loss, soft_cross_entropy
 
-from .training_helpers import make_records, requires_loop, tiny_args
+from .training_helpers import make_records, requires_loop, tiny_args, train_batch_vs_accumulation
 
 # A tiny LLaVA image is 9 tokens on a 3 x 3 grid: at ratio 3, prune / pool / conv keep 3 tokens (1 x 3 windows), the
 # resampler 2, text-only 0.
@@ -302,20 +302,7 @@ def test_gradient_accumulation_is_exact_with_a_compressor(case, target, processo
     # every text token is labelled, so the positions after each image (which read compressed tokens) count too
     dataset = DistillationDataset(short + long, processor, assistant_only_loss=False, show_progress=False)
     initial = compressed_draft(target, perturb=True, **DETERMINISTIC[case])
-    results = []
-    for batch_size, accumulation in ((2, 1), (1, 2)):
-        draft = copy.deepcopy(initial)
-        args = tiny_args(
-            tmp_path / f"bs{batch_size}",
-            per_device_train_batch_size=batch_size,
-            gradient_accumulation_steps=accumulation,
-            optim="sgd",
-            learning_rate=0.5,
-            lr_scheduler_type="constant",
-            max_grad_norm=0.0,
-        )
-        OnlineDistillationTrainer(model=draft, teacher=target, args=args, train_dataset=dataset).train()
-        results.append(dict(draft.named_parameters()))
+    results = train_batch_vs_accumulation(initial, target, dataset, tmp_path)
     compressor_moved = max(
         (results[0][n] - p).abs().max().item() for n, p in initial.named_parameters() if n.startswith("compressor.")
     )

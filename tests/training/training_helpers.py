@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import random
@@ -66,3 +67,28 @@ def tiny_args(tmp_path, **overrides) -> OnlineDistillationConfig:
     )
     values.update(overrides)
     return OnlineDistillationConfig(**values)
+
+
+def train_batch_vs_accumulation(initial, target, dataset, tmp_path) -> list[dict]:
+    """
+    Trains two copies of `initial` for one SGD update each: batch 2 without accumulation, then batch 1 with 2
+    accumulation steps (constant lr, no clipping). Returns both drafts' named parameters, which must be equal when
+    gradient accumulation is exact.
+    """
+    from specvlm_hf.training import OnlineDistillationTrainer
+
+    results = []
+    for batch_size, accumulation in ((2, 1), (1, 2)):
+        draft = copy.deepcopy(initial)
+        args = tiny_args(
+            tmp_path / f"bs{batch_size}",
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            optim="sgd",
+            learning_rate=0.5,
+            lr_scheduler_type="constant",
+            max_grad_norm=0.0,
+        )
+        OnlineDistillationTrainer(model=draft, teacher=target, args=args, train_dataset=dataset).train()
+        results.append(dict(draft.named_parameters()))
+    return results
