@@ -1,7 +1,9 @@
 """The `specvlm` command line: `specvlm {demo,pocket,train,bench} ...`.
 
 Each sub-command lives in its own module exposing `make_parser()` and `main(argv)`; this file only dispatches, so
-`specvlm demo --help` costs no heavy imports until a sub-command is chosen.
+`specvlm demo --help` costs no heavy imports until a sub-command is chosen. A `specvlm_hf.errors.UserError` raised by a
+sub-command (bad file, bad flag value, missing optional extra) is printed as one line and exits with status 2;
+anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -33,8 +35,17 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"specvlm: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    from .errors import UserError
+
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+        return int(module.main(rest) or 0)
+    except UserError as error:  # the user's input, not a bug: one actionable line, no traceback
+        print(f"specvlm {name}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"specvlm {name}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover
