@@ -86,6 +86,7 @@ class EagleTreeDrafter:
         features: torch.Tensor,
         visual_mask: torch.Tensor | None = None,
         grid_sizes: list[tuple[int, int] | None] | None = None,
+        start_position: int = 0,
     ) -> None:
         """
         First catch-up over the prompt.
@@ -101,6 +102,9 @@ class EagleTreeDrafter:
                 logical positions.
             grid_sizes (`list[tuple[int, int] | None]`, *optional*): per image span of the row, its `(rows, cols)`
                 raster grid or `None` (compressed along the sequence).
+            start_position (`int`, *optional*, defaults to 0): logical position of the first pair (its feature's
+                token index in the unpadded row); non-zero when the target's cache already held a prefix that the
+                draft never saw (a reused or pre-filled cache).
         """
         inputs_embeds, features = inputs_embeds.to(self.device), features.to(self.device)
         _synchronize(self.device)
@@ -109,7 +113,7 @@ class EagleTreeDrafter:
         call = {
             "inputs_embeds": inputs_embeds,
             "target_hidden_states": features,
-            "position_ids": torch.arange(length, device=self.device)[None],
+            "position_ids": torch.arange(start_position, start_position + length, device=self.device)[None],
             "past_key_values": self.cache,
             "use_cache": True,
         }
@@ -131,7 +135,7 @@ class EagleTreeDrafter:
         _synchronize(self.device)
         self.prefill_seconds = time.perf_counter() - started
         self.prefill_tokens = self.cache.get_seq_length()
-        self.next_position = length
+        self.next_position = start_position + length
         self.last_hidden = out.last_hidden_state[:, -1]
 
     def extend(self, features: torch.Tensor, next_tokens: torch.Tensor) -> None:

@@ -95,6 +95,33 @@ def _validate(target: "PreTrainedModel", draft: Any, generation_config: "Generat
         )
 
 
+def _uncached_length(
+    input_ids: torch.Tensor, past_length: int, generation_config: "GenerationConfig", model_kwargs: dict
+) -> int:
+    """
+    How many trailing prompt positions the prefill must compute when the cache already holds `past_length` positions.
+
+    Mirrors plain decoding's prefill: `input_ids` is either the whole sequence (sliced to what the cache lacks) or only
+    the new tokens, which the attention mask (always the whole sequence) tells apart.
+    """
+    if not past_length:
+        return input_ids.shape[1]
+    attention_mask = model_kwargs.get("attention_mask")
+    mask_length = attention_mask.shape[1] if attention_mask is not None else getattr(generation_config, "_mask_length", -1)
+    if model_kwargs.get("inputs_embeds") is not None:
+        raise ValueError(
+            "generate(inputs_embeds=..., past_key_values=<a cache holding a prefix>) with a SpecVLM draft is not "
+            "supported: pass input_ids (the whole sequence or the new tokens) to continue from a cache."
+        )
+    length = input_ids.shape[1] - past_length if mask_length == input_ids.shape[1] else input_ids.shape[1]
+    if length < 1:
+        raise ValueError(
+            f"The cache already holds {past_length} positions but the input has {input_ids.shape[1]}: nothing is left "
+            "to prefill. Pass a sequence longer than the cache (its last token is the one generation continues from)."
+        )
+    return length
+
+
 def _positive_layer_ids(target: "PreTrainedModel", layer_ids: list[int]) -> list[int]:
     n_states = target.config.get_text_config().num_hidden_layers + 1
     return sorted({i % n_states for i in layer_ids})
@@ -300,7 +327,13 @@ def tree_assisted_decoding(
 
     layer_ids = _positive_layer_ids(target, draft.feature_layer_ids)
     final_layer = target.config.get_text_config().num_hidden_layers
-    model_inputs = target.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **model_kwargs)
+    # a cache that already holds a prefix (multi-turn chat, a prefilled system prompt, the cache of an earlier call):
+    # prefill only the positions it does not hold, exactly as plain decoding's prefill slices them
+    past_length = cache.get_seq_length()
+    new_length = _uncached_length(input_ids, past_length, generation_config, model_kwargs)
+    model_inputs = target.prepare_inputs_for_generation(
+        input_ids, next_sequence_length=new_length if past_length else None, is_first_iteration=True, **model_kwargs
+    )
     model_inputs["output_hidden_states"] = sorted(set(layer_ids) | {final_layer})
     outputs = target(**model_inputs, return_dict=True)
     hidden_states = outputs.hidden_states
@@ -318,12 +351,17 @@ def tree_assisted_decoding(
     embed_tokens, lm_head = target.get_input_embeddings(), target.get_output_embeddings()
 
     n_pads = [int(prompt_len - attention_mask[r].sum()) if attention_mask is not None else 0 for r in range(batch_size)]
-    # prompt tokens x_1 .. x_{L-1} of each row: the tokens paired with the draft's prefill positions 0 .. L-2
-    paired_rows = [input_ids[r, n_pads[r] + 1 :] for r in range(batch_size)]
+    # The draft catches up on the prefilled positions only (a prefix already in the cache has no target features; the
+    # draft then starts without it, which costs acceptance, never correctness). `starts[r]`: the first prompt index of
+    # row r that was prefilled and is not padding; hidden state `j` belongs to prompt index `new_start + j`.
+    new_start = prompt_len - new_length
+    starts = [max(n_pads[r], new_start) for r in range(batch_size)]
+    # prompt tokens paired with the draft's prefill positions: x_{s+1} .. x_{L-1} of each row
+    paired_rows = [input_ids[r, starts[r] + 1 :] for r in range(batch_size)]
     visual_ids = visual_token_ids(target) if getattr(draft, "compressor", None) is not None else []
     grids = None
     if visual_ids:
-        paired_positions = [position_ids[-3:, r, n_pads[r] + 1 :] for r in range(batch_size)] if mrope_axes else None
+        paired_positions = [position_ids[-3:, r, starts[r] + 1 :] for r in range(batch_size)] if mrope_axes else None
         grids = image_grids(target.config.model_type, paired_rows, visual_ids, paired_positions)
 
     stats = SpeculationStats()
@@ -340,15 +378,17 @@ def tree_assisted_decoding(
         else:
             next_position = int(position_ids[r, -1]) + 1
         drafter = EagleTreeDrafter(draft, embed_tokens, lm_head, knobs)
-        row_stats = SpeculationStats(prefill_tokens=prompt_len - n_pad)
+        row_stats = SpeculationStats(prefill_tokens=prompt_len - starts[r])
         decoder = _RowDecoder(target, draft, drafter, row_cache, n_pad, next_position, mrope_axes, layer_ids, head,
                               logits_processor, stopping_criteria, generation_config, streamer, row_stats)
         ids, finished = decoder.first_token(input_ids[r : r + 1], last_logits[r : r + 1])
         if not finished:
             first = ids[:, -1:]
-            row_embeds = torch.cat([embeddings[r : r + 1, n_pad + 1 :], embed_tokens(first.to(embed_tokens.weight.device))], dim=1)
+            offset = starts[r] - new_start  # index of the row's first draft pair among the prefilled hidden states
+            row_embeds = torch.cat([embeddings[r : r + 1, offset + 1 :], embed_tokens(first.to(embed_tokens.weight.device))], dim=1)
             visual_mask = paired_visual_mask(paired_rows[r], visual_ids) if visual_ids else None
-            drafter.prefill(row_embeds, features[r : r + 1, n_pad:], visual_mask, grids[r] if grids else None)
+            drafter.prefill(row_embeds, features[r : r + 1, offset:], visual_mask, grids[r] if grids else None,
+                            start_position=starts[r] - n_pad)
             ids = decoder.run(ids)
         row_stats.draft_forwards = drafter.forwards
         row_stats.draft_prefill_tokens = drafter.prefill_tokens
