@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.utils import logging
 
 from .acceptance import sample_token, walk_tree
 from .cache_utils import check_cache_supported, compact, select_row, tree_attention_mask
@@ -37,6 +38,8 @@ from .visual_layout import image_grids, paired_visual_mask, visual_token_ids
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel, StoppingCriteriaList
     from transformers.generation.streamers import BaseStreamer
+
+logger = logging.get_logger(__name__)
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 #: Devices where verification computes LM-head logits lazily, only for the slots the acceptance walk reads (matrix
@@ -324,6 +327,17 @@ def tree_assisted_decoding(
     batch_size, prompt_len = input_ids.shape
     if batch_size > 1 and (generation_config.output_scores or generation_config.output_logits):
         raise ValueError("output_scores/output_logits with a SpecVLM draft are supported for batch size 1 only.")
+    if batch_size > 1 and streamer is not None:
+        # plain decoding hands a batch streamer one token per row per step; rows decoded one after another cannot
+        raise ValueError(
+            f"Streaming with a SpecVLM draft supports batch size 1 only (got {batch_size} rows), like transformers' "
+            "own TextStreamer / TextIteratorStreamer: stream one prompt per generate call, or drop the streamer."
+        )
+    if getattr(generation_config, "prompt_lookup_num_tokens", None):
+        logger.warning_once(
+            "prompt_lookup_num_tokens is ignored when a SpecVLM draft is the assistant_model: the draft's tree is "
+            "verified instead (output is unchanged either way)."
+        )
 
     layer_ids = _positive_layer_ids(target, draft.feature_layer_ids)
     final_layer = target.config.get_text_config().num_hidden_layers
