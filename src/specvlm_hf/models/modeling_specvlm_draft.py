@@ -16,6 +16,8 @@ travel with a checkpoint through `auto_map`: `save_pretrained` copies those sibl
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,12 +36,34 @@ from .modeling_elastic_compressor import CompressorOutput, ElasticVisualCompress
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel as _Target
 
+try:  # the library's error type, so that the `specvlm` CLI reports it as a user error
+    from specvlm_hf.errors import UserValueError
+except ImportError:  # loaded as remote code without the library
+
+    class UserValueError(ValueError):
+        """A bad value: here, an unusable draft."""
+
 #: Class attribute that marks a SpecVLM draft. Checked by duck typing because classes loaded as remote code are
 #: distinct objects from the installed ones.
 DRAFT_MARKER = "_is_specvlm_draft"
 
 #: The fields of an `ElasticCompressorConfig` that a draft stores in `SpecVLMDraftConfig.compressor_config`.
 _COMPRESSOR_FIELDS = tuple(ElasticCompressorConfig.__annotations__)
+
+#: How many offending tensors a non-finite-weights error names before it only counts the rest.
+_NAMED_TENSORS = 5
+
+
+def _describe_non_finite(bad: list[tuple[str, int, int]]) -> str:
+    """`"2 tensors: fc.weight (12 NaN), fc.bias (1 Inf)"` for the output of `non_finite_parameters`."""
+    described = []
+    for name, nan, inf in bad[:_NAMED_TENSORS]:
+        counts = [f"{nan} NaN"] * bool(nan) + [f"{inf} Inf"] * bool(inf)
+        described.append(f"{name} ({', '.join(counts)})")
+    text = ", ".join(described)
+    if len(bad) > _NAMED_TENSORS:
+        text += f" and {len(bad) - _NAMED_TENSORS} more"
+    return f"{len(bad)} tensor{'s' * (len(bad) != 1)}: {text}"
 
 
 def compressor_config_for_draft(
@@ -150,6 +174,42 @@ class SpecVLMDraftPreTrainedModel(PreTrainedModel):
             # everything else, notably the rotary embedding's non-persistent `inv_freq` buffers: they are not in the
             # checkpoint, so `from_pretrained` (which builds on the meta device) must recompute them here
             super()._init_weights(module)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None, *args: Any, **kwargs: Any):
+        """
+        [`~transformers.PreTrainedModel.from_pretrained`], then a check that every loaded parameter is finite: a
+        checkpoint with NaN or Inf weights (a diverged training run, a corrupt file) raises a `ValueError` naming the
+        offending tensors instead of loading a draft whose proposals are never accepted.
+        """
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
+        bad = model.non_finite_parameters()
+        if bad:
+            raise UserValueError(
+                f"draft checkpoint {pretrained_model_name_or_path} has non-finite values in "
+                f"{_describe_non_finite(bad)}; the checkpoint is corrupt or training diverged: retrain or load an "
+                "earlier checkpoint."
+            )
+        return loaded
+
+    def non_finite_parameters(self) -> list[tuple[str, int, int]]:
+        """
+        The draft's own parameters that hold NaN or Inf values (one `torch.isfinite` pass per tensor; tensors not
+        materialised, e.g. offloaded to the meta device, and non-float tensors are skipped).
+
+        Returns:
+            `list[tuple[str, int, int]]`: `(name, number of NaN, number of Inf)` per offending parameter, in
+            `named_parameters()` order; empty when every value is finite.
+        """
+        bad = []
+        with torch.no_grad():
+            for name, parameter in self.named_parameters():
+                if not parameter.is_floating_point() or parameter.device.type == "meta":
+                    continue
+                if not bool(torch.isfinite(parameter).all()):
+                    bad.append((name, int(torch.isnan(parameter).sum()), int(torch.isinf(parameter).sum())))
+        return bad
 
 
 class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel):
@@ -532,14 +592,48 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel):
         return push_draft_to_hub(self, repo_id, **kwargs)
 
     def check_compatible(self, target: "_Target") -> None:
-        """Raises a `ValueError` that says what differs when this draft was not built for `target`'s shape."""
+        """
+        Checks, right before this draft is used with `target`, that it can serve it.
+
+        Raises a `ValueError` that lists what differs when the draft was not built for `target`'s layout (hidden size,
+        vocabulary, tapped layers), and one that names the offending tensors when the draft's weights hold NaN or Inf
+        (corrupted in memory or by a diverged training step). Warns (`UserWarning`, once per draft/target pair) when
+        the layouts fit but the draft was built for another model family: generation stays lossless, but few drafted
+        tokens will be accepted.
+        """
+        built_for_type = self.config.target_model_type
+        built_for_name = self.config.target_model_name_or_path
+        if built_for_type:
+            built_for = f"a {built_for_type!r} target" + (f" ({built_for_name})" if built_for_name else "")
+        else:
+            built_for = built_for_name or "an unknown target"
+        target_type = target.config.model_type
+        target_name = getattr(target, "name_or_path", "") or getattr(target.config, "_name_or_path", "") or ""
+        used_with = f"a {target_type!r} target" + (f" ({target_name})" if target_name else "")
         problems = self.compatibility_problems(target)
         if problems:
-            built_for = self.config.target_model_name_or_path or self.config.target_model_type or "an unknown target"
-            raise ValueError(
-                f"This SpecVLM draft (built for {built_for}) does not match the target "
-                f"{getattr(target, 'name_or_path', '') or target.config.model_type}: " + "; ".join(problems) + ". "
+            raise UserValueError(
+                f"This SpecVLM draft (built for {built_for}) does not match the target, {used_with}: "
+                + "; ".join(problems) + ". "
                 "Build a draft for this target with `SpecVLMDraftModel.from_target(target)` and train it."
+            )
+        bad = self.non_finite_parameters()
+        if bad:
+            raise UserValueError(
+                f"This SpecVLM draft (built for {built_for}) has non-finite values in {_describe_non_finite(bad)}; its "
+                "weights were corrupted in memory or training diverged: reload the draft, retrain or load an earlier "
+                "checkpoint."
+            )
+        # from_target records the target's top-level model_type; a draft built for the language model of a VLM's own
+        # text family (e.g. 'llama' under 'llava') is the same family
+        if built_for_type and built_for_type not in {target_type, target.config.get_text_config().model_type}:
+            # stacklevel=1: one warning location, so the default filter shows each draft/target pair's message once
+            warnings.warn(
+                f"this draft was built for {built_for} but is used with {used_with}; the layouts fit, so generation "
+                "stays correct, but a draft trained on another model's features will have few of its tokens "
+                "accepted: build and train a draft for this target with `SpecVLMDraftModel.from_target(target)`.",
+                UserWarning,
+                stacklevel=1,
             )
 
 
