@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
+from collections import Counter
 
 import pytest
 import torch
 from PIL import Image
 
+from specvlm_hf.errors import UserFileNotFoundError, UserValueError
 from specvlm_hf.testing.tiny_processors import build_tiny_processor, build_tiny_tokenizer
 from specvlm_hf.training.data import (
     SKIP_REASONS,
@@ -230,3 +233,113 @@ def test_collator_zero_pads_image_dimensions():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 6, 0]]
     with pytest.raises(ValueError, match="empty"):
         collate([])
+
+
+# --- file reading: encodings, torn lines, missing files (issue #12, item 3) ----------------------------------------
+
+
+def _jsonl_bytes(rows) -> bytes:
+    return b"".join(json.dumps(row).encode("utf-8") + b"\n" for row in rows)
+
+
+def test_jsonl_bad_bytes_and_torn_last_line_are_skipped_with_file_and_line(processor, image_dir, tmp_path, caplog):
+    rows = make_records(4, image_dir, seed=5)
+    lines = _jsonl_bytes(rows).splitlines(keepends=True)
+    # not UTF-8: "\xe9"
+    bad_bytes = json.dumps(_record("what ?", "caf\u00e9 ."), ensure_ascii=False).encode("latin-1") + b"\n"
+    torn = json.dumps(rows[0])[:25].encode()  # an interrupted write: no closing brace, no newline
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(lines[0] + bad_bytes + b"".join(lines[1:]) + torn)
+    with caplog.at_level(logging.WARNING, logger="specvlm_hf.training.data"):
+        dataset = DistillationDataset(path, processor, show_progress=False)
+    assert len(dataset) == 4 and dataset.num_records == 6
+    assert dict(dataset.skipped) == {"malformed": 2}
+    assert f"{path}:2: not UTF-8" in dataset.skip_examples["malformed"]
+    assert f"{path}:2: not UTF-8" in caplog.text and f"{path}:6: torn last line" in caplog.text
+    skipped = {}
+    assert len(load_llava_records(path, skipped=(counts := Counter()), skip_examples=skipped)) == 4
+    assert counts == {"malformed": 2} and skipped["malformed"].startswith(f"{path}:2:")
+
+
+def test_utf8_bom_is_accepted_in_jsonl_and_json_lists(processor, image_dir, tmp_path):
+    rows = make_records(3, image_dir, seed=6)
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(codecs.BOM_UTF8 + _jsonl_bytes(rows))
+    dataset = DistillationDataset(jsonl, processor, show_progress=False)
+    assert len(dataset) == 3 and not dataset.skipped
+    as_list = tmp_path / "bom.json"
+    as_list.write_bytes(codecs.BOM_UTF8 + json.dumps(rows, indent=2).encode())
+    dataset = DistillationDataset(as_list, processor, show_progress=False)
+    assert len(dataset) == 3 and dataset.num_records == 3 and not dataset.skipped
+
+
+def test_undecodable_files_and_missing_files_are_clear_user_errors(tmp_path):
+    utf16 = tmp_path / "utf16.jsonl"
+    utf16.write_bytes(json.dumps(_record("what ?", "red .")).encode("utf-16"))
+    with pytest.raises(UserValueError, match=f"{utf16}.*UTF-16"):
+        load_llava_records(utf16)
+    latin1 = tmp_path / "latin1.jsonl"
+    row = json.dumps(_record("caf\u00e9 ?", "s\u00ed ."), ensure_ascii=False)
+    latin1.write_bytes("\n".join([row] * 3).encode("latin-1"))
+    with pytest.raises(UserValueError, match=f"{latin1} is not UTF-8 text"):
+        load_llava_records(latin1)
+    broken_list = tmp_path / "list.json"
+    broken_list.write_bytes(b'[\n  {"conversations": []},\n  {"x": "caf\xe9"}\n]')
+    with pytest.raises(UserValueError, match=f"{broken_list}: line 3: not UTF-8"):
+        load_llava_records(broken_list)
+    with pytest.raises(UserFileNotFoundError, match="no data file at .*missing.jsonl"):
+        load_llava_records(tmp_path / "missing.jsonl")
+    with pytest.raises(UserValueError, match="is a folder"):
+        load_llava_records(tmp_path)
+
+
+def test_jsonl_is_read_line_by_line(image_dir, tmp_path, monkeypatch):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(_jsonl_bytes(make_records(3, image_dir)))
+    real_open = open
+
+    class LineOnly:
+        def __init__(self, handle):
+            self._handle = handle
+
+        def read(self, size=-1):
+            assert 0 <= size <= 1 << 16, "the whole file was read at once"
+            return self._handle.read(size)
+
+        def __iter__(self):
+            return iter(self._handle)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._handle.close()
+
+    monkeypatch.setattr("builtins.open", lambda *args, **kwargs: LineOnly(real_open(*args, **kwargs)))
+    assert len(load_llava_records(path)) == 3
+
+
+# --- records that break after validation (issue #12, item 4) -------------------------------------------------------
+
+
+def test_a_record_whose_image_vanishes_after_validation_is_skipped_and_counted(processor, tmp_path, caplog):
+    rows = []
+    for index, color in enumerate(("red", "green", "blue")):
+        Image.new("RGB", (24, 24), COLORS[color]).save(tmp_path / f"{index}.png")
+        rows.append(_record("<image> what color ?", f"{color} .", images=[f"{index}.png"]))
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    dataset = DistillationDataset(path, processor, show_progress=False)
+    assert len(dataset) == 3
+    (tmp_path / "1.png").unlink()
+    (tmp_path / "2.png").write_bytes(b"not a png any more")
+    with caplog.at_level(logging.WARNING, logger="specvlm_hf.training.data"):
+        items = [dataset[i] for i in range(3)]
+    # each broken record is replaced by the next usable one, so a batch keeps its size
+    assert all(torch.equal(item["input_ids"], items[0]["input_ids"]) for item in items)
+    assert dict(dataset.failed_in_use) == {"missing_image": 1, "unreadable_image": 1}
+    assert f"{path}:2" in caplog.text and f"{path}:3" in caplog.text
+    assert "0 skipped; 2 failed after validation (missing_image: 1, unreadable_image: 1)" in dataset.skip_summary()
+    (tmp_path / "0.png").unlink()
+    with pytest.raises(UserValueError, match="every usable record"):
+        dataset[0]

@@ -306,3 +306,37 @@ def test_every_target_family_gives_a_finite_loss_and_draft_gradients(family, tmp
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in draft.parameters())
     assert not any(p.grad is not None for p in target.parameters())
+
+
+@pytest.mark.parametrize("workers", [0, 1], ids=["in_process", "worker"])
+def test_an_image_that_vanishes_after_validation_is_skipped_and_training_continues(
+    target, draft, processor, tmp_path, workers
+):
+    from PIL import Image
+
+    from .training_helpers import COLORS
+
+    rows = []
+    for index, color in enumerate(("red", "green", "blue", "red")):
+        Image.new("RGB", (24, 24), COLORS[color]).save(tmp_path / f"{index}.png")
+        rows.append(
+            {
+                "images": [f"{index}.png"],
+                "conversations": [
+                    {"from": "human", "value": "<image>\nwhat color ?"},
+                    {"from": "gpt", "value": f"the image is {color} ."},
+                ],
+            }
+        )
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    dataset = DistillationDataset(path, processor, show_progress=False)
+    (tmp_path / "0.png").unlink()  # gone between validation and step 0
+    args = tiny_args(tmp_path, max_steps=2, dataloader_num_workers=workers, save_strategy="no")
+    trainer = OnlineDistillationTrainer(model=draft, teacher=target, args=args, train_dataset=dataset)
+    output = trainer.train()
+    assert trainer.state.global_step == 2
+    assert dict(dataset.failed_in_use) == {"missing_image": 1}
+    assert f"{path}:1: no image file at" in dataset.skip_examples["missing_image"]
+    assert output.metrics["train_records_failed_after_validation"] == 1
+    assert "1 failed after validation (missing_image: 1)" in dataset.skip_summary()

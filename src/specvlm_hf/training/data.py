@@ -16,25 +16,29 @@ and counted by reason** ([`SKIP_REASONS`]); a bad record never stops a run.
 from __future__ import annotations
 
 import bisect
+import codecs
 import io
 import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 from tqdm.auto import tqdm
 from transformers import BatchFeature, PreTrainedTokenizerBase, ProcessorMixin
+
+from ..errors import UserFileNotFoundError, UserValueError
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "SKIP_REASONS",
+    "FAILED_RECORDS_KEY",
     "BadRecord",
     "DistillationCollator",
     "DistillationDataset",
@@ -70,8 +74,12 @@ _PER_TOKEN_PAD = {
     "mm_token_type_ids": 0,
     "token_type_ids": 0,
 }
-#: Unparseable lines logged one by one before only their count is reported.
+#: Unparseable lines (and records failing after validation) logged one by one before only their count is reported.
 _LOGGED_BAD_LINES = 3
+_WHITESPACE = b" \t\r\n"
+#: Key of an item (and of a batch) listing records that failed after validation in a data-loader worker process, so the
+#: main process can count them (see `DistillationDataset.record_failures`).
+FAILED_RECORDS_KEY = "failed_records"
 
 
 class BadRecord(Exception):
@@ -102,46 +110,132 @@ class LlavaConversation:
     images: list[Any]
 
 
-def load_llava_records(path: str | os.PathLike, *, skipped: Counter | None = None) -> list[dict[str, Any]]:
+def load_llava_records(
+    path: str | os.PathLike, *, skipped: Counter | None = None, skip_examples: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
     """
-    Reads a LLaVA-format `.json` file (a list of records) or `.jsonl` file (one record per line). Relative image paths
-    are resolved against the file's directory. Unparseable JSONL lines are skipped, logged and counted as
-    `"malformed"` in `skipped`.
+    Reads a LLaVA-format `.json` file (a list of records) or `.jsonl` file (one record per line), UTF-8 with or without
+    a byte-order mark. Relative image paths are resolved against the file's directory.
+
+    A JSONL file is read line by line (memory stays flat however large the file): a line that is not UTF-8 or not
+    JSON (for instance a torn last line left by an interrupted write) is skipped, logged with its file and line number
+    and counted as `"malformed"` in `skipped`. A JSON list is parsed as a whole, so one undecodable byte in it is an
+    error naming the file and the line.
 
     Args:
         path (`str` or `os.PathLike`): the data file.
-        skipped (`collections.Counter`, *optional*): receives the count of unparseable lines.
+        skipped (`collections.Counter`, *optional*): receives the count of unusable lines.
+        skip_examples (`dict[str, str]`, *optional*): receives the first problem (`"<file>:<line>: ..."`) under
+            `"malformed"` unless it already holds one.
 
     Returns:
         `list[dict]`: the records (non-dict entries are kept, to be counted as malformed by [`DistillationDataset`]).
+
+    Raises:
+        [`~specvlm_hf.errors.UserFileNotFoundError`] when `path` does not exist, [`~specvlm_hf.errors.UserValueError`]
+        when it is a folder, not UTF-8 text at all, or a JSON list that does not decode or parse.
+    """
+    root = os.path.dirname(os.path.abspath(os.fspath(path)))
+    return [
+        _resolve_image_paths(record, root)
+        for _, record in _iter_llava_file(path, skipped=skipped, skip_examples=skip_examples)
+    ]
+
+
+def _check_data_file(path: str) -> None:
+    if not os.path.exists(path):
+        raise UserFileNotFoundError(f"no data file at {path}")
+    if os.path.isdir(path):
+        raise UserValueError(f"{path} is a folder; pass a LLaVA-format .json or .jsonl file")
+
+
+def _first_byte(path: str) -> bytes:
+    """The first byte after a UTF-8 byte-order mark and leading whitespace (`b""` for a blank file)."""
+    with open(path, "rb") as handle:
+        chunk = handle.read(1 << 16)
+        if chunk.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # UTF-32 LE starts like UTF-16 LE
+            raise UserValueError(
+                f"{path} is UTF-16 or UTF-32 encoded text; save it as UTF-8 (e.g. `iconv -f UTF-16 -t UTF-8`)"
+            )
+        if chunk.startswith(codecs.BOM_UTF8):
+            chunk = chunk[len(codecs.BOM_UTF8) :]
+        while chunk:
+            stripped = chunk.lstrip(_WHITESPACE)
+            if stripped:
+                return stripped[:1]
+            chunk = handle.read(1 << 16)
+    return b""
+
+
+def _iter_llava_file(
+    path: str | os.PathLike, *, skipped: Counter | None = None, skip_examples: dict[str, str] | None = None
+) -> Iterator[tuple[int | None, Any]]:
+    """
+    Yields `(line_number, record)` for every parseable record of a `.json` list (line number `None`) or `.jsonl` file,
+    counting and logging the lines it skips (see [`load_llava_records`]).
     """
     path = os.fspath(path)
-    root = os.path.dirname(os.path.abspath(path))
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
-    records: list[Any] = []
-    stripped = text.lstrip()
-    if stripped.startswith("["):
+    _check_data_file(path)
+    if _first_byte(path) == b"[":
+        with open(path, "rb") as handle:
+            raw = handle.read()
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as error:
+            line = raw.count(b"\n", 0, error.start) + 1
+            raise UserValueError(
+                f"{path}: line {line}: not UTF-8 text ({error.reason}, byte 0x{raw[error.start]:02x}); a JSON list is "
+                "read as a whole: save the file as UTF-8, or as JSONL (one record per line) to skip bad records"
+            ) from error
         try:
             records = json.loads(text)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path} looks like a JSON list but does not parse: {error}") from error
-    else:
-        bad_lines = 0
-        for line_number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
+            raise UserValueError(
+                f"{path} looks like a JSON list but does not parse: line {error.lineno} column {error.colno}: "
+                f"{error.msg}"
+            ) from error
+        for record in records:
+            yield None, record
+        return
+
+    bad_lines = undecodable = found = 0
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            if line_number == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8) :]
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                bad_lines += 1
-                if bad_lines <= _LOGGED_BAD_LINES:
-                    logger.warning("%s:%d: skipping unparseable line (%s)", path, line_number, error)
-        if bad_lines:
-            logger.warning("%s: %d unparseable line(s) skipped in total", path, bad_lines)
-            if skipped is not None:
-                skipped["malformed"] += bad_lines
-    return [_resolve_image_paths(record, root) for record in records]
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                undecodable += 1
+                problem = f"not UTF-8 ({error.reason}, byte 0x{raw[error.start]:02x} at column {error.start + 1})"
+            else:
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    torn = not raw.endswith(b"\n")
+                    what = "torn last line (no newline at the end: an interrupted write?)" if torn else "not JSON"
+                    problem = f"{what} ({error.msg})"
+                else:
+                    found += 1
+                    yield line_number, record
+                    continue
+            bad_lines += 1
+            detail = f"{path}:{line_number}: {problem}"
+            if skip_examples is not None:
+                skip_examples.setdefault("malformed", detail)
+            if bad_lines <= _LOGGED_BAD_LINES:
+                logger.warning("%s; line skipped", detail)
+    if undecodable and not found:
+        raise UserValueError(
+            f"{path} is not UTF-8 text: {undecodable} of its lines do not decode and none holds a record; save it "
+            "as UTF-8"
+        )
+    if bad_lines:
+        logger.warning("%s: %d unusable line(s) skipped in total", path, bad_lines)
+        if skipped is not None:
+            skipped["malformed"] += bad_lines
 
 
 def _image_refs(record: Mapping[str, Any]) -> list[Any]:
@@ -440,6 +534,13 @@ class DistillationDataset(Dataset):
     by reason in `skipped` (see [`SKIP_REASONS`]; the first detail per reason is kept in `skip_examples`) and the
     counts are logged. Items are re-encoded on access (images are not cached), so memory stays flat for large sets.
 
+    A record that passed validation but fails on access (its image was deleted, moved or overwritten meanwhile) does
+    not stop training either: it is logged with its file and line (or record index), counted by reason in
+    `failed_in_use` (included in [`skip_summary`] and so in the model card) and replaced by the next usable record,
+    so batches keep their size. Failures seen in data-loader worker processes reach the main process through the
+    item's `"failed_records"` entry, which [`DistillationCollator`] gathers and [`OnlineDistillationTrainer`] counts
+    with [`record_failures`].
+
     Args:
         data (`str`, `os.PathLike`, `list[dict]` or `datasets.Dataset`):
             A `.json`/`.jsonl` file (relative image paths resolve against its directory), or records.
@@ -457,6 +558,7 @@ class DistillationDataset(Dataset):
     Attributes:
         skipped (`collections.Counter`): skipped records per reason.
         skip_examples (`dict[str, str]`): the first problem seen for each reason.
+        failed_in_use (`collections.Counter`): records that passed validation but failed on access, per reason.
         lengths (`list[int]`): token length of every usable record.
         label_token_counts (`collections.Counter`): how often each token id is a training target, i.e. the token
             frequencies of the data the draft learns to predict (input of `build_draft_vocab`).
@@ -479,10 +581,21 @@ class DistillationDataset(Dataset):
         self.skipped: Counter = Counter()
         self.skip_examples: dict[str, str] = {}
         self.source = os.fspath(data) if isinstance(data, (str, os.PathLike)) else None
-        self.records = load_llava_records(data, skipped=self.skipped) if self.source is not None else data
+        self._line_numbers: list[int | None] | None = None  # file line of each record (JSONL), for messages
+        if self.source is not None:
+            root = os.path.dirname(os.path.abspath(self.source))
+            self.records, self._line_numbers = [], []
+            for line_number, record in _iter_llava_file(
+                self.source, skipped=self.skipped, skip_examples=self.skip_examples
+            ):
+                self.records.append(_resolve_image_paths(record, root))
+                self._line_numbers.append(line_number)
+        else:
+            self.records = data
         self._unparseable = self.skipped["malformed"]
-        if self._unparseable:
-            self.skip_examples["malformed"] = f"unparseable JSON line(s) in {self.source}"
+        self.failed_in_use: Counter = Counter()
+        self._failed_positions: set[int] = set()  # usable positions known to fail now (this process)
+        self._failed_records: set[int] = set()  # record indices counted in failed_in_use
         self._text_only = not isinstance(processing_class, ProcessorMixin)
         self._indices: list[int] = []
         self.lengths: list[int] = []
@@ -500,7 +613,7 @@ class DistillationDataset(Dataset):
             self.label_token_counts.update(targets[targets != IGNORE_INDEX].tolist())
         self._log_summary()
         if not self._indices:
-            raise ValueError(
+            raise UserValueError(
                 f"None of the {self.num_records} records is usable: {self.skip_summary()}. First problem per reason: "
                 + "; ".join(f"{reason}: {detail}" for reason, detail in self.skip_examples.items())
             )
@@ -511,19 +624,58 @@ class DistillationDataset(Dataset):
         return len(self.records) + self._unparseable
 
     def skip_summary(self) -> str:
-        """`"3 skipped (missing_image: 2, too_long: 1)"`-style summary."""
-        total = sum(self.skipped.values())
-        if not total:
-            return "0 skipped"
-        parts = ", ".join(f"{reason}: {self.skipped[reason]}" for reason in SKIP_REASONS if self.skipped[reason])
-        return f"{total} skipped ({parts})"
+        """
+        `"3 skipped (missing_image: 2, too_long: 1)"`-style summary, followed by `"; 1 failed after validation
+        (missing_image: 1)"` when records failed on access.
+        """
+        summary = f"{sum(self.skipped.values())} skipped{_by_reason(self.skipped)}"
+        if self.failed_in_use:
+            summary += f"; {sum(self.failed_in_use.values())} failed after validation{_by_reason(self.failed_in_use)}"
+        return summary
 
     def _log_summary(self) -> None:
         message = f"Distillation data: {len(self._indices)} usable records, {self.skip_summary()}."
-        if self.skipped:
+        if self.skipped or self.failed_in_use:
             logger.warning(message + " First problem per reason: %s", self.skip_examples)
         else:
             logger.info(message)
+
+    def log_summary(self) -> None:
+        """Logs the counts of skipped (and failed-after-validation) records, as after validation."""
+        self._log_summary()
+
+    def location(self, record_index: int) -> str:
+        """Where record `record_index` comes from: `"data.jsonl:17"`, `"data.json, record 12"` or `"record 12"`."""
+        line = self._line_numbers[record_index] if self._line_numbers is not None else None
+        if self.source is not None and line is not None:
+            return f"{self.source}:{line}"
+        return f"{self.source}, record {record_index}" if self.source is not None else f"record {record_index}"
+
+    def record_failures(self, failures: Iterable[tuple[int, str, str]]) -> None:
+        """
+        Counts records that passed validation but failed on access, as `(record_index, reason, detail)` entries
+        (reported by [`__getitem__`] directly, or through the `"failed_records"` entry of items and batches made in
+        data-loader worker processes); a record is counted once.
+        """
+        for record_index, reason, detail in failures:
+            if record_index in self._failed_records:  # a worker of a later epoch met it again
+                continue
+            self._failed_records.add(record_index)
+            self.failed_in_use[reason] += 1
+            where = f"{self.location(record_index)}: {detail}"
+            self.skip_examples.setdefault(reason, where)
+            if sum(self.failed_in_use.values()) <= _LOGGED_BAD_LINES:
+                logger.warning(
+                    "%s: the record passed validation but now fails (%s: %s); skipped and replaced by the next "
+                    "usable record",
+                    self.location(record_index),
+                    reason,
+                    detail,
+                )
+
+    def record_index(self, index: int) -> int:
+        """Index in `records` of the `index`-th usable record."""
+        return self._indices[index]
 
     def conversation(self, index: int) -> LlavaConversation:
         """The parsed conversation of the `index`-th usable record."""
@@ -548,12 +700,37 @@ class DistillationDataset(Dataset):
         return len(self._indices)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        try:
-            return self._encode(self._indices[index])
-        except BadRecord as bad:
-            raise RuntimeError(
-                f"Record {self._indices[index]} passed validation but now fails ({bad}); did its files change?"
-            ) from bad
+        """
+        The `index`-th usable record, encoded; a record that fails now (see the class docstring) is counted and
+        replaced by the next usable one.
+
+        Raises:
+            [`~specvlm_hf.errors.UserValueError`] when every usable record fails now.
+        """
+        count = len(self._indices)
+        position = index % count if count else 0
+        failures: list[tuple[int, str, str]] = []
+        example = None
+        for _ in range(count):
+            if position not in self._failed_positions:
+                try:
+                    example = self._encode(self._indices[position])
+                    break
+                except BadRecord as bad:
+                    self._failed_positions.add(position)
+                    failures.append((self._indices[position], bad.reason, bad.detail))
+            position = (position + 1) % count
+        in_worker = get_worker_info() is not None
+        if failures and not in_worker:
+            self.record_failures(failures)
+        if example is None:
+            raise UserValueError(
+                f"every usable record of {self.source or 'the data'} now fails ({self.skip_summary()}; e.g. "
+                f"{self.skip_examples.get(failures[0][1]) if failures else 'see the log'}): were the images moved?"
+            )
+        if failures and in_worker:  # this is a copy of the dataset: the main process counts and logs them
+            example[FAILED_RECORDS_KEY] = failures
+        return example
 
     def prompt(self, index: int) -> BatchFeature:
         """
@@ -578,6 +755,9 @@ class DistillationCollator:
     `image_sizes`, `pixel_attention_mask`, ...) is concatenated along its first dimension, zero-padding the other
     dimensions to a common shape (Llava-NeXT crops, Idefics3 image counts).
 
+    Records a data-loader worker had to replace (the items' `"failed_records"` lists, see [`DistillationDataset`])
+    are gathered into the batch's `"failed_records"` list for the trainer to count.
+
     The batch also holds `shift_labels` of shape `(batch_size, sequence_length)`: `shift_labels[:, t] = labels[:, t +
     2]` (`-100` for the last two positions), the token the draft predicts at draft position `t` (it reads the
     embedding of `x_{t+1}` and the feature of `x_t`, and regresses the feature that predicts `x_{t+2}`). Trainer counts
@@ -594,8 +774,9 @@ class DistillationCollator:
         if not features:
             raise ValueError("cannot collate an empty list of examples")
         length = max(int(feature["input_ids"].shape[0]) for feature in features)
-        batch: dict[str, torch.Tensor] = {}
-        keys = dict.fromkeys(key for feature in features for key in feature)
+        batch: dict[str, Any] = {}
+        failed = [entry for feature in features for entry in feature.get(FAILED_RECORDS_KEY, ())]
+        keys = dict.fromkeys(key for feature in features for key in feature if key != FAILED_RECORDS_KEY)
         for key in keys:
             values = [feature[key] for feature in features if key in feature]
             if key in _PER_TOKEN_PAD:
@@ -612,7 +793,14 @@ class DistillationCollator:
         shift_labels = labels.new_full(labels.shape, IGNORE_INDEX)
         shift_labels[:, :-2] = labels[:, 2:]
         batch["shift_labels"] = shift_labels
+        if failed:
+            batch[FAILED_RECORDS_KEY] = failed
         return batch
+
+
+def _by_reason(counts: Counter) -> str:
+    parts = ", ".join(f"{reason}: {counts[reason]}" for reason in SKIP_REASONS if counts[reason])
+    return f" ({parts})" if parts else ""
 
 
 def _concat_padded(values: list[torch.Tensor]) -> torch.Tensor:

@@ -20,7 +20,15 @@ from ..generation.visual_layout import image_grids, visual_token_ids
 from ..generation.route import is_specvlm_draft
 from ..hub import create_model_card
 from .config import OnlineDistillationConfig
-from .data import IGNORE_INDEX, DistillationCollator, DistillationDataset, to_model_inputs, tokenizer_of
+from .data import (
+    FAILED_RECORDS_KEY,
+    IGNORE_INDEX,
+    BadRecord,
+    DistillationCollator,
+    DistillationDataset,
+    to_model_inputs,
+    tokenizer_of,
+)
 from .losses import (
     chain_acceptance_length,
     gate_entropy,
@@ -193,6 +201,7 @@ class OnlineDistillationTrainer(Trainer):
                 "position is ever visual: the compressor is neither used nor trained."
             )
         self._rows_in_accumulated_batch: int | None = None  # set by get_batch_samples, normalises the token cost
+        self._evaluated_dataset: Dataset | None = None  # the dataset evaluation_loop is running over
         self._metric_sums: dict[str, dict[str, torch.Tensor]] = {
             "train": defaultdict(lambda: 0),
             "eval": defaultdict(lambda: 0),
@@ -231,11 +240,34 @@ class OnlineDistillationTrainer(Trainer):
     def get_batch_samples(
         self, epoch_iterator: Any, num_batches: int, device: torch.device
     ) -> tuple[list, torch.Tensor | int | None]:
-        """Also records the rows of the accumulated batch: the compressor's token cost is a per-row mean over them."""
+        """
+        Also records the rows of the accumulated batch (the compressor's token cost is a per-row mean over them) and
+        counts the records that data-loader workers had to replace (see [`DistillationDataset`]).
+        """
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        for batch in batch_samples:
+            self._count_failed_records(batch, self.train_dataset)
         rows = sum(int(batch["shift_labels"].shape[0]) for batch in batch_samples if "shift_labels" in batch)
         self._rows_in_accumulated_batch = rows or None
         return batch_samples, num_items_in_batch
+
+    @staticmethod
+    def _count_failed_records(batch: Any, dataset: Any) -> None:
+        failures = batch.pop(FAILED_RECORDS_KEY, None) if isinstance(batch, dict) else None
+        if failures and isinstance(dataset, DistillationDataset):
+            dataset.record_failures(failures)
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """
+        [`~transformers.Trainer.train`], then logs the data summary again when records failed after validation
+        (skipped and replaced during training, see [`DistillationDataset`]).
+        """
+        output = super().train(*args, **kwargs)
+        dataset = self.train_dataset
+        if isinstance(dataset, DistillationDataset) and dataset.failed_in_use:
+            dataset.log_summary()
+            output.metrics["train_records_failed_after_validation"] = sum(dataset.failed_in_use.values())
+        return output
 
     # ------------------------------------------------------------------------------------------------------------
     # loss
@@ -299,7 +331,9 @@ class OnlineDistillationTrainer(Trainer):
         plus the compressor's token cost when the draft has a compressor.
         """
         mode = "train" if model.training else "eval"
-        batch = {key: value for key, value in inputs.items() if key not in ("labels", "shift_labels")}
+        batch = {
+            key: value for key, value in inputs.items() if key not in ("labels", "shift_labels", FAILED_RECORDS_KEY)
+        }
         if "shift_labels" not in inputs:
             raise KeyError("the batch has no 'shift_labels': use DistillationCollator (or add them the same way).")
         teacher_inputs = to_model_inputs(batch, self._teacher_device, self._teacher_dtype)
@@ -406,6 +440,7 @@ class OnlineDistillationTrainer(Trainer):
         ignore_keys: list[str] | None = None,
     ) -> tuple[torch.Tensor, None, None]:
         """Evaluation step: the per-token loss of the batch (there are no predictions to gather)."""
+        self._count_failed_records(inputs, self._evaluated_dataset)
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
@@ -511,13 +546,17 @@ class OnlineDistillationTrainer(Trainer):
         metric_key_prefix: str = "eval",
     ) -> EvalLoopOutput:
         self._metric_sums["eval"].clear()
-        output = super().evaluation_loop(
-            dataloader,
-            description,
-            prediction_loss_only=prediction_loss_only,
-            ignore_keys=ignore_keys,
-            metric_key_prefix=metric_key_prefix,
-        )
+        self._evaluated_dataset = dataloader.dataset
+        try:
+            output = super().evaluation_loop(
+                dataloader,
+                description,
+                prediction_loss_only=prediction_loss_only,
+                ignore_keys=ignore_keys,
+                metric_key_prefix=metric_key_prefix,
+            )
+        finally:
+            self._evaluated_dataset = None
         metrics = self._flush_metrics("eval")
         dataset = dataloader.dataset
         if self.args.eval_acceptance_prompts > 0 and isinstance(dataset, DistillationDataset):
@@ -532,7 +571,8 @@ class OnlineDistillationTrainer(Trainer):
         """
         Measures the real acceptance of the draft: greedy `teacher.generate(**prompt, assistant_model=draft)` on the
         first `num_prompts` prompts of `dataset` (records cut before their first assistant turn), prompts split over
-        processes.
+        processes. A prompt whose record fails now (an image deleted since validation) is skipped and counted in
+        `dataset.failed_in_use`.
 
         Args:
             dataset ([`DistillationDataset`]): source of the prompts.
@@ -541,17 +581,23 @@ class OnlineDistillationTrainer(Trainer):
 
         Returns:
             `dict[str, float]`: `mean_accept_len` (tokens per target forward, bonus token included),
-            `mean_accepted_draft_tokens` (bonus excluded), `acceptance_prompts` and `acceptance_max_new_tokens`.
+            `mean_accepted_draft_tokens` (bonus excluded), `acceptance_prompts` (prompts measured) and
+            `acceptance_max_new_tokens`.
         """
         num_prompts = min(self.args.eval_acceptance_prompts if num_prompts is None else num_prompts, len(dataset))
         max_new_tokens = self.args.eval_acceptance_max_new_tokens if max_new_tokens is None else max_new_tokens
         draft = self.accelerator.unwrap_model(self.model)
         was_training = draft.training
         draft.eval()
-        totals = torch.zeros(3, dtype=torch.float64)  # target forwards, tokens emitted, accepted draft tokens
+        totals = torch.zeros(4, dtype=torch.float64)  # target forwards, tokens emitted, accepted draft tokens, prompts
         try:
             for index in range(self.accelerator.process_index, num_prompts, self.accelerator.num_processes):
-                prompt = to_model_inputs(dataset.prompt(index), self._teacher_device, self._teacher_dtype)
+                try:
+                    prompt = dataset.prompt(index)
+                except BadRecord as bad:
+                    dataset.record_failures([(dataset.record_index(index), bad.reason, bad.detail)])
+                    continue
+                prompt = to_model_inputs(prompt, self._teacher_device, self._teacher_dtype)
                 out = self.teacher.generate(
                     **prompt,
                     assistant_model=draft,
@@ -561,13 +607,13 @@ class OnlineDistillationTrainer(Trainer):
                 )
                 stats = out.speculation
                 totals += torch.tensor(
-                    [stats.target_forwards, stats.tokens_emitted, stats.accepted_draft_tokens], dtype=torch.float64
+                    [stats.target_forwards, stats.tokens_emitted, stats.accepted_draft_tokens, 1], dtype=torch.float64
                 )
         finally:
             draft.train(was_training)
         totals = self.accelerator.reduce(totals.to(self.accelerator.device), reduction="sum").cpu()
-        forwards, emitted, accepted = totals.tolist()
-        metrics = {"acceptance_prompts": float(num_prompts), "acceptance_max_new_tokens": float(max_new_tokens)}
+        forwards, emitted, accepted, measured = totals.tolist()
+        metrics = {"acceptance_prompts": measured, "acceptance_max_new_tokens": float(max_new_tokens)}
         if forwards > 0:
             metrics["mean_accept_len"] = emitted / forwards
             metrics["mean_accepted_draft_tokens"] = accepted / forwards
