@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
 from PIL import Image
 
+from specvlm_hf.errors import UserValueError
 from specvlm_hf.training import DistillationDataset, regenerate_answers
 from specvlm_hf.training.data import encode_prompt, load_image, parse_llava_record
-from specvlm_hf.training.self_distill import DETAIL_SUFFIX, record_key
+from specvlm_hf.training.self_distill import DETAIL_SUFFIX, record_key, regeneration_fingerprint
 
 from .training_helpers import COLORS, make_records, requires_loop
 
@@ -91,3 +93,44 @@ def test_a_draft_speeds_up_regeneration_without_changing_it(target, draft, proce
     assert plain == assisted
     assert (tmp_path / "plain.jsonl").read_text() == (tmp_path / "assisted.jsonl").read_text()
     assert torch.is_grad_enabled()
+
+
+def test_output_is_keyed_to_its_input_and_never_mixes_inputs(target, processor, image_dir, tmp_path):
+    first, second = make_records(2, image_dir, seed=10), make_records(2, image_dir, seed=11)
+    output = tmp_path / "regenerated.jsonl"
+    regenerate_answers(target, processor, first, output, max_new_tokens=3, show_progress=False)
+    meta = json.loads((tmp_path / "regenerated.meta.json").read_text())
+    assert meta == regeneration_fingerprint(target, processor, first, max_new_tokens=3)
+    assert meta["key"] != regeneration_fingerprint(target, processor, second, max_new_tokens=3)["key"]
+    assert meta["key"] != regeneration_fingerprint(target, processor, first, max_new_tokens=4)["key"]
+    before = output.read_text()
+    with pytest.raises(UserValueError, match="another input \\(different data"):
+        regenerate_answers(target, processor, second, output, max_new_tokens=3, show_progress=False)
+    with pytest.raises(UserValueError, match="different settings"):
+        regenerate_answers(target, processor, first, output, max_new_tokens=4, show_progress=False)
+    assert output.read_text() == before
+    # the same input resumes; resume=False starts over with the other input
+    again = regenerate_answers(target, processor, first, output, max_new_tokens=3, show_progress=False)
+    assert again == {"already_done": 2}
+    regenerate_answers(target, processor, second, output, max_new_tokens=3, resume=False, show_progress=False)
+    assert [json.loads(line)["id"] for line in output.read_text().splitlines()] == [record_key(r) for r in second]
+    # an output without its fingerprint may come from anything: it is not resumed
+    (tmp_path / "regenerated.meta.json").unlink()
+    with pytest.raises(UserValueError, match="without regenerated.meta.json"):
+        regenerate_answers(target, processor, second, output, max_new_tokens=3, show_progress=False)
+
+
+def test_file_fingerprint_follows_content_not_path(target, processor, image_dir, tmp_path):
+    rows = make_records(2, image_dir, seed=12)
+    one, other = tmp_path / "a.jsonl", tmp_path / "b" / "train.jsonl"
+    other.parent.mkdir()
+    for path in (one, other):
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    key = regeneration_fingerprint(target, processor, one)["key"]
+    assert regeneration_fingerprint(target, processor, other)["key"] == key
+    with open(other, "a") as handle:
+        handle.write(json.dumps(rows[0]) + "\n")
+    assert regeneration_fingerprint(target, processor, other)["key"] != key
+    torch.manual_seed(5)
+    changed = type(target)(target.config)
+    assert regeneration_fingerprint(changed, processor, one)["key"] != key

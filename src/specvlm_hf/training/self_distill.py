@@ -4,10 +4,16 @@
 A draft learns the distribution it will meet at inference best from the target's own outputs: dataset answers are
 often short and written by someone else. ViSpec regenerates long answers (its prompts ask for "at least 1000 words");
 `prompt_suffix=DETAIL_SUFFIX` asks for detailed answers in the same spirit.
+
+Regenerated data is keyed to what produced it ([`regeneration_fingerprint`]: the input data, the target and the
+generation settings). The key is stored next to the output (`<output stem>.meta.json`), so a run resumes only its own
+output and refuses to mix answers of another input into it; `specvlm train --regenerate_answers` writes one file per
+key (`<output_dir>/self_distilled-<key>.jsonl`).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -21,6 +27,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, ProcessorMixin
 
+from ..errors import UserValueError
 from .data import (
     BadRecord,
     count_images,
@@ -34,7 +41,7 @@ from .data import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DETAIL_SUFFIX", "record_key", "regenerate_answers"]
+__all__ = ["DETAIL_SUFFIX", "record_key", "regenerate_answers", "regeneration_fingerprint", "regeneration_meta_path"]
 
 #: A suffix asking the target for detailed answers (ViSpec asks for "at least 1000 words").
 DETAIL_SUFFIX = "Please answer in detail."
@@ -74,6 +81,143 @@ def record_key(record: Mapping[str, Any]) -> str:
         default=str,
     )
     return hashlib.sha1(canonical.encode("utf-8")).hexdigest()
+
+
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: the cache key of one file version
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _data_fingerprint(data: Any) -> dict[str, Any]:
+    if isinstance(data, (str, os.PathLike)):
+        path = os.path.abspath(os.fspath(data))
+        stat = os.stat(path)
+        return {"file": os.path.basename(path), "sha256": _file_sha256(path, stat.st_size, stat.st_mtime_ns)}
+    if getattr(data, "_fingerprint", None) is not None:  # a `datasets.Dataset`
+        return {"datasets_fingerprint": data._fingerprint, "records": len(data)}
+    digest = hashlib.sha256()
+    count = 0
+    for record in data:
+        key = record_key(record) if isinstance(record, Mapping) else repr(record)
+        digest.update(key.encode("utf-8") + b"\n")
+        count += 1
+    return {"records_sha256": digest.hexdigest(), "records": count}
+
+
+def _target_fingerprint(target: torch.nn.Module) -> dict[str, Any]:
+    """The target's identity: architecture, dtype and a hash of the first 256 values of every weight."""
+    config = getattr(target, "config", None)
+    digest = hashlib.sha256()
+    dtypes = set()
+    for name, parameter in target.named_parameters():
+        dtypes.add(str(parameter.dtype))
+        digest.update(name.encode("utf-8"))
+        if parameter.device.type != "meta":
+            digest.update(parameter.detach().flatten()[:256].float().cpu().numpy().tobytes())
+    return {
+        "name_or_path": getattr(config, "_name_or_path", None) or None,
+        "model_type": getattr(config, "model_type", type(target).__name__),
+        "dtypes": sorted(dtypes),
+        "weights_sha256": digest.hexdigest(),
+    }
+
+
+def regeneration_fingerprint(
+    target: torch.nn.Module,
+    processing_class: ProcessorMixin | PreTrainedTokenizerBase,
+    data: str | os.PathLike | Sequence[Mapping[str, Any]] | Any,
+    *,
+    prompt_suffix: str | None = None,
+    max_new_tokens: int = 512,
+    generation_kwargs: dict[str, Any] | None = None,
+    image_root: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """
+    What determines the output of [`regenerate_answers`]: the input data (the file's SHA-256, not its path, or the
+    records' [`record_key`]s), the target (architecture, dtype, a hash of its weights), its chat template and the
+    generation settings. An `assistant_model` is left out: it does not change the output.
+
+    Args:
+        target, processing_class, data, prompt_suffix, max_new_tokens, generation_kwargs, image_root: as for
+            [`regenerate_answers`].
+
+    Returns:
+        `dict`: `"key"` (16 hex digits, a hash of all the rest, e.g. for a file name), `"data"`, `"target"` and
+        `"settings"`. `target["name_or_path"]` is informative and not part of the key (a moved model folder resumes).
+    """
+    target_part = _target_fingerprint(target)
+    chat_template = getattr(processing_class, "chat_template", None)
+    settings = {
+        "prompt_suffix": prompt_suffix,
+        "max_new_tokens": max_new_tokens,
+        "generation_kwargs": {k: v for k, v in (generation_kwargs or {}).items() if k != "assistant_model"},
+        "image_root": os.path.abspath(os.fspath(image_root)) if image_root is not None else None,
+        "chat_template_sha256": hashlib.sha256(str(chat_template).encode("utf-8")).hexdigest(),
+    }
+    fingerprint = {
+        "data": _data_fingerprint(data),
+        "target": target_part,
+        "settings": json.loads(json.dumps(settings, sort_keys=True, default=str)),
+    }
+    keyed = {part: _keyed(value, part) for part, value in fingerprint.items()}
+    key = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+    return {"key": key, **fingerprint}
+
+
+def _keyed(part: Any, kind: str) -> Any:
+    """The part of a fingerprint entry that enters the key (names of files and folders do not)."""
+    if not isinstance(part, dict):
+        return part
+    drop = {"target": "name_or_path", "data": "file"}.get(kind)
+    return {k: v for k, v in part.items() if k != drop}
+
+
+def regeneration_meta_path(output_path: str | os.PathLike) -> str:
+    """The fingerprint file stored with a regenerated dataset: `<output stem>.meta.json`."""
+    return os.path.splitext(os.fspath(output_path))[0] + ".meta.json"
+
+
+def _check_resumable(output_path: str, fingerprint: dict[str, Any]) -> None:
+    """Refuses to resume into `output_path` when it holds answers generated from another input."""
+    if not os.path.isfile(output_path) or os.path.getsize(output_path) == 0:
+        return
+    meta_path = regeneration_meta_path(output_path)
+    advice = (
+        "write to another output file (specvlm train: another --output_dir), or pass resume=False to regenerate "
+        "it from scratch"
+    )
+    if not os.path.isfile(meta_path):
+        raise UserValueError(
+            f"{output_path} already exists without {os.path.basename(meta_path)}, which would say which input data, "
+            f"target and settings its answers come from, so it cannot be resumed safely: {advice}."
+        )
+    with open(meta_path, encoding="utf-8") as handle:
+        stored = json.load(handle)
+    if stored.get("key") == fingerprint["key"]:
+        return
+    differs = [
+        part
+        for part in ("data", "target", "settings")
+        if _keyed(stored.get(part), part) != _keyed(fingerprint[part], part)
+    ]
+    raise UserValueError(
+        f"{output_path} holds answers regenerated from another input (different {', '.join(differs) or 'key'}: "
+        f"key {stored.get('key')} there, {fingerprint['key']} now); records of another input are never mixed in: "
+        f"{advice}."
+    )
+
+
+def _write_meta(output_path: str, fingerprint: dict[str, Any]) -> None:
+    meta_path = regeneration_meta_path(output_path)
+    temporary = meta_path + ".tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(fingerprint, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    os.replace(temporary, meta_path)
 
 
 def _completed_keys(output_path: str) -> set[str]:
@@ -156,6 +300,10 @@ def regenerate_answers(
     ([`record_key`]); image paths are written relative to the output file (in-memory images are saved as PNG files in
     `<output stem>_images/`). Records are appended and flushed one by one.
 
+    The output is keyed to its input: [`regeneration_fingerprint`] (data, target, settings) is written to
+    `<output stem>.meta.json`, and resuming into an output made from another input (or without that file) raises
+    instead of mixing the two.
+
     Args:
         target ([`~transformers.PreTrainedModel`]): the target model.
         processing_class: the target's processor (tokenizer for text-only targets).
@@ -167,14 +315,28 @@ def regenerate_answers(
         generation_kwargs (`dict`, *optional*): more `generate` arguments (default: greedy, `do_sample=False`).
         image_root (`str`, *optional*): directory of relative image paths of in-memory records.
         resume (`bool`, *optional*, defaults to `True`): skip records whose id is already in `output_path` (else the
-            file is overwritten).
+            file is overwritten). Resuming requires the output to come from the same input (same fingerprint).
         show_progress (`bool`, *optional*, defaults to `True`): show a tqdm progress bar.
 
     Returns:
         `collections.Counter`: `written`, `already_done`, and skipped records by reason (see `SKIP_REASONS`; an empty
         generated answer counts as `no_assistant_turn`).
+
+    Raises:
+        [`~specvlm_hf.errors.UserValueError`] when `resume=True` and `output_path` holds answers of another input.
     """
     output_path = os.fspath(output_path)
+    fingerprint = regeneration_fingerprint(
+        target,
+        processing_class,
+        data,
+        prompt_suffix=prompt_suffix,
+        max_new_tokens=max_new_tokens,
+        generation_kwargs=generation_kwargs,
+        image_root=image_root,
+    )
+    if resume:
+        _check_resumable(output_path, fingerprint)
     counts: Counter = Counter()
     records = load_llava_records(data, skipped=counts) if isinstance(data, (str, os.PathLike)) else data
     text_only = not isinstance(processing_class, ProcessorMixin)
@@ -185,6 +347,7 @@ def regenerate_answers(
     parameter = next(target.parameters())
     done = _completed_keys(output_path) if resume else set()
     os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
+    _write_meta(output_path, fingerprint)
     with open(output_path, "a" if resume else "w", encoding="utf-8") as handle:
         for record in tqdm(records, desc="Regenerating answers", disable=not show_progress):
             try:
