@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from ..errors import UserValueError
+
 __all__ = ["OnlineDistillationConfig"]
 
 
@@ -18,7 +20,8 @@ class OnlineDistillationConfig(TrainingArguments):
     works as usual. All fields carry `help` metadata, so [`~transformers.HfArgumentParser`] exposes them as flags.
 
     Defaults follow SpecVLM (λ_logit 0.1, λ_feat 1.0, AdamW β2 0.95, no weight decay, no warmup, lr 8e-5 as for its
-    7B targets; use 5e-5 for 13B targets).
+    7B targets; use 5e-5 for 13B targets). Invalid values raise [`~specvlm_hf.errors.UserValueError`] (a
+    `ValueError`), which `specvlm train` prints as one line.
 
     Parameters:
         lambda_logit (`float`, *optional*, defaults to `0.1`):
@@ -43,6 +46,14 @@ class OnlineDistillationConfig(TrainingArguments):
             mean acceptance length. `0` disables the measurement.
         eval_acceptance_max_new_tokens (`int`, *optional*, defaults to `64`):
             `max_new_tokens` of those greedy generations.
+        overwrite_output_dir (`bool`, *optional*, defaults to `False`):
+            Used by `specvlm train` (transformers 5 dropped this `TrainingArguments` field): train from scratch into
+            an `output_dir` that already holds a trained draft or `checkpoint-*` folders, replacing them (the old
+            checkpoints are deleted so they cannot be mistaken for this run's). Without it (and without
+            `resume_from_checkpoint`) `specvlm train` refuses such a folder instead of overwriting it.
+        resume_from_checkpoint (`str`, *optional*):
+            Used by `specvlm train`, as in transformers' example scripts: `--resume_from_checkpoint` alone (or `True`)
+            resumes from the latest `checkpoint-*` folder in `output_dir`; a path resumes from that checkpoint.
     """
 
     lambda_logit: float = field(
@@ -90,6 +101,23 @@ class OnlineDistillationConfig(TrainingArguments):
         default=10,
         metadata={"help": "Log every X updates steps (an integer, or a float in (0, 1) for a ratio of total steps)."},
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train from scratch into an output_dir that already holds a trained draft or checkpoint-* "
+            "folders, replacing them (old checkpoints are deleted). Without it, and without --resume_from_checkpoint, "
+            "specvlm train refuses such a folder."
+        },
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "Resume training: alone (or True) from the latest checkpoint-* folder in output_dir, or from the "
+            "checkpoint folder given.",
+            "nargs": "?",
+            "const": "True",
+        },
+    )
     remove_unused_columns: bool = field(
         default=False,
         metadata={
@@ -101,27 +129,27 @@ class OnlineDistillationConfig(TrainingArguments):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.remove_unused_columns:
-            raise ValueError(
+            raise UserValueError(
                 "OnlineDistillationConfig requires remove_unused_columns=False: with True, Trainer keeps only the "
                 "columns named in the draft's forward signature and silently drops pixel_values and attention_mask, "
                 "so the teacher would run text-only."
             )
         if self.lambda_logit < 0 or self.lambda_feat < 0:
-            raise ValueError(
+            raise UserValueError(
                 f"lambda_logit and lambda_feat must be >= 0, got {self.lambda_logit} and {self.lambda_feat}."
             )
         if self.lambda_logit == 0 and self.lambda_feat == 0:
-            raise ValueError("lambda_logit and lambda_feat are both 0: there would be nothing to train.")
+            raise UserValueError("lambda_logit and lambda_feat are both 0: there would be nothing to train.")
         if self.feature_noise < 0:
-            raise ValueError(f"feature_noise must be >= 0, got {self.feature_noise}.")
+            raise UserValueError(f"feature_noise must be >= 0, got {self.feature_noise}.")
         if self.max_length is not None and self.max_length < 3:
-            raise ValueError(
+            raise UserValueError(
                 f"max_length must be >= 3 (the draft predicts token t + 2 from position t) or None, got "
                 f"{self.max_length}."
             )
         if self.eval_acceptance_prompts < 0:
-            raise ValueError(f"eval_acceptance_prompts must be >= 0, got {self.eval_acceptance_prompts}.")
+            raise UserValueError(f"eval_acceptance_prompts must be >= 0, got {self.eval_acceptance_prompts}.")
         if self.eval_acceptance_max_new_tokens < 1:
-            raise ValueError(
+            raise UserValueError(
                 f"eval_acceptance_max_new_tokens must be >= 1, got {self.eval_acceptance_max_new_tokens}."
             )
