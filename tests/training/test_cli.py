@@ -189,7 +189,7 @@ def test_missing_paths_and_bad_flags_are_one_line_user_errors(tmp_path, capsys, 
         (["--tiny", "llava", "--load_best_model_at_end", "--eval_strategy", "steps", "--save_strategy", "epoch"],
          UserValueError, "invalid flags: --load_best_model_at_end requires the save and eval strategy to match"),
         (["--tiny", "llava", "--lr_scheduler_type", "nonsense"], UserValueError, "invalid choice: 'nonsense'"),
-        (["--tiny", "llava", "--no_such_flag", "1"], UserValueError, "not used by the HfArgumentParser: .*no_such_flag"),
+        (["--tiny", "llava", "--no_such_flag", "1"], UserValueError, "not used by the HfArgumentParser"),
     ]
     for argv, error, message in cases:
         with pytest.raises(error, match=message):

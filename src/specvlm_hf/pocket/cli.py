@@ -9,6 +9,11 @@ specvlm pocket train-draft              # reproduce assets/pocket/draft/ (the sh
 specvlm pocket train-compressors        # compressor variants of the draft for the ablation (specvlm bench)
 specvlm pocket info                     # where it is, sizes, provenance
 ```
+
+A sub-command whose optional packages are missing stops before doing anything with a
+[`~specvlm_hf.errors.MissingExtraError`] naming the extra to install (`pocket`, `pocket-train`; see
+[`~specvlm_hf.pocket.requirements.COMMAND_EXTRAS`]); bad flags raise a one-line
+[`~specvlm_hf.errors.UserValueError`]. The `specvlm` command prints either as one line and exits with status 2.
 """
 
 from __future__ import annotations
@@ -21,15 +26,26 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserValueError
+from .requirements import require_command_extras
+
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad flag (unknown, invalid choice, bad value) as a one-line [`UserValueError`]."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserValueError(f"{message} (see `{self.prog} --help`)")
 
 
 def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Builds (or fills, when given, e.g. a sub-parser of `specvlm`) the `pocket` argument parser."""
+    from .compressor_ablation import VARIANTS
     from .train_draft import PocketDraftRecipe
     from .train_projector import ProjectorTrainingConfig
 
-    parser = parser or argparse.ArgumentParser(prog="specvlm pocket", description="The offline pocket VLM.")
+    parser = parser or _Parser(prog="specvlm pocket", description="The offline pocket VLM.")
     commands = parser.add_subparsers(dest="pocket_command", required=True)
 
     build = commands.add_parser("build", help="compose the pocket VLM from installed packages and cache it")
@@ -88,7 +104,7 @@ def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
     ablation = commands.add_parser(
         "train-compressors", help="fine-tune compressor variants of the shipped draft for the #4 ablation"
     )
-    ablation.add_argument("--variants", nargs="+", default=None, help="names from compressor_ablation.VARIANTS")
+    ablation.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS), help="default: all")
     ablation.add_argument("--output-root", type=Path, default=None, help="default: cache/pocket-draft/ablation")
     ablation.add_argument("--num-threads", type=int, default=0, help="torch threads (0: torch default)")
 
@@ -122,6 +138,7 @@ def _info(cache_dir: Path | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Runs the `pocket` command line; returns the exit status."""
     args = make_parser().parse_args(argv)
+    require_command_extras(args.pocket_command)
     if args.pocket_command == "build":
         from .build import build_pocket_vlm
 

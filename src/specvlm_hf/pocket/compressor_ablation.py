@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..errors import UserFileNotFoundError, UserValueError
 from .draft import DRAFT_DIR
 from .train_draft import default_work_dir, split_records
 
@@ -73,9 +74,16 @@ def train_variants(
     names = names or list(VARIANTS)
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
-        raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+        raise UserValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     work_dir = Path(work_dir) if work_dir is not None else default_work_dir()
     output_root = Path(output_root) if output_root is not None else work_dir / "ablation"
+    if not (work_dir / "train.jsonl").is_file():
+        raise UserFileNotFoundError(
+            f"no self-distilled data at {work_dir / 'train.jsonl'}: run `specvlm pocket train-draft` first (it writes "
+            "it there)"
+        )
+    if not (Path(base_draft) / "config.json").is_file():
+        raise UserFileNotFoundError(f"no base draft in {base_draft}: run `specvlm pocket train-draft` first")
     target, processor = load_pocket_vlm(dtype=getattr(torch, recipe.teacher_dtype))
     train_rows, _ = split_records(work_dir / "train.jsonl", 24)
     image_rows = [row for row in train_rows if row.get("images")][: recipe.train_records]

