@@ -14,6 +14,44 @@ from specvlm_hf.testing.tiny_models import build_tiny_target
 from specvlm_hf.testing.tiny_processors import build_tiny_processor
 
 
+def bench_args(assets: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    """`specvlm bench` arguments for the tiny saved target and draft (fp32, 6 new tokens, no progress bar)."""
+    return [
+        "bench", "--target", str(assets["target"]), "--draft", str(assets["draft"]),
+        "--prompts", str(assets["prompts"]), "--dtype", "float32", "--max-new-tokens", "6", "--out", str(out),
+        "--no-progress", *extra,
+    ]
+
+
+def user_error_line(argv: list[str], capsys, after_loading: bool = False, command: str = "bench") -> str:
+    """
+    Runs `specvlm ARGV` through the dispatcher; asserts exit status 2 and one error line on stderr (no traceback);
+    returns the line. Before any model loads it is the only line; `after_loading`, it is the last one (after
+    transformers' loading bars).
+    """
+    from specvlm_hf.cli import main
+
+    capsys.readouterr()
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    if not after_loading:
+        assert len(lines) == 1, lines
+    assert lines[-1].startswith(f"specvlm {command}: error: ") and not any("Traceback" in line for line in lines)
+    return lines[-1]
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fails the test if `specvlm bench` gets as far as loading a model (or measuring)."""
+    from specvlm_hf.bench import cli as bench_cli
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the user error was reported")
+
+    for name in ("load_target", "load_draft", "load_assistant", "_load_pocket", "_measure"):
+        monkeypatch.setattr(bench_cli, name, refuse, raising=False)  # (`_measure` is private, may be renamed)
+
+
 def write_prompts(folder: Path) -> Path:
     """Three prompts: one image, text only (no max_new_tokens), two images; images next to the file."""
     Image.new("RGB", (32, 32), (200, 30, 30)).save(folder / "red.png")

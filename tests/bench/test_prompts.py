@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from specvlm_hf.bench.prompts import load_prompts, render_batch
+from specvlm_hf.errors import UserError, UserFileNotFoundError, UserValueError
 from specvlm_hf.testing.tiny_processors import (
     build_tiny_processor,
     build_tiny_tokenizer,
@@ -51,17 +52,34 @@ def test_load_accepts_empty_images_and_blank_lines(tmp_path):
 def test_bad_line_names_file_and_line(tmp_path, line, message):
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"prompt": "fine"}) + "\n" + line + "\n")
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(UserError) as error:  # printed by the CLI as one line, no traceback
         load_prompts(path)
     assert f"{path}:2" in str(error.value) and message in str(error.value)
+    # a missing image is a FileNotFoundError, every other bad line a ValueError
+    expected = UserFileNotFoundError if "missing image" in message else UserValueError
+    assert isinstance(error.value, expected)
 
 
 def test_missing_or_empty_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(UserFileNotFoundError, match="does not exist"):
         load_prompts(tmp_path / "absent.jsonl")
+    with pytest.raises(UserValueError, match="is not a file"):
+        load_prompts(tmp_path)
     (tmp_path / "empty.jsonl").write_text("\n")
-    with pytest.raises(ValueError, match="holds no prompt"):
+    with pytest.raises(UserValueError, match="holds no prompt"):
         load_prompts(tmp_path / "empty.jsonl")
+    (tmp_path / "binary.jsonl").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(UserValueError, match="not a UTF-8 text file"):
+        load_prompts(tmp_path / "binary.jsonl")
+
+
+def test_unreadable_image_names_the_prompt(tmp_path):
+    (tmp_path / "fake.png").write_text("not an image")
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"images": ["fake.png"], "prompt": "what is it?"}) + "\n")
+    prompts = load_prompts(path)
+    with pytest.raises(UserValueError, match=rf"{path}:1: cannot read image .*fake.png"):
+        render_batch(build_tiny_processor(), prompts, "cpu")
 
 
 def test_render_batch_left_pads_and_expands_images(tmp_path):
@@ -82,5 +100,5 @@ def test_render_text_only_target_rejects_images(tmp_path):
     prompts = load_prompts(write_prompts(tmp_path))
     inputs = render_batch(tokenizer, prompts[1:2], "cpu")
     assert inputs["input_ids"].shape[0] == 1
-    with pytest.raises(ValueError, match="the target is text-only"):
+    with pytest.raises(UserValueError, match="the target is text-only"):
         render_batch(tokenizer, prompts[:1], "cpu")

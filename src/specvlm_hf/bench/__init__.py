@@ -3,8 +3,9 @@ lookup and assisted generation, with tree-budget calibration.
 
 Pieces: [`load_prompts`] / [`render_batch`] (the JSONL prompt format), [`build_methods`] (what runs),
 [`calibrate`] / [`choose_tree_budget`] (tree budget from measured costs and a pilot), [`run_benchmark`] (interleaved
-timed calls and aggregation), [`write_results`] (`results.json`, `meta.json`, `results.md`, `results.png`), and the
-command line in `specvlm_hf.bench.cli` (`specvlm bench --help`).
+timed calls and aggregation, group by group, skipping the [`record_key`]s already measured), [`write_results`]
+(`results.json`, `meta.json`, `results.md`, `results.png`), and the command line in `specvlm_hf.bench.cli`
+(`specvlm bench --help`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .calibration import (
 from .methods import METHODS, Method, TreeSettings, build_methods
 from .prompts import BenchPrompt, load_prompts, render_batch
 from .report import write_results
-from .runner import BenchSettings, interleaved_schedule, run_benchmark
+from .runner import BenchSettings, interleaved_schedule, record_key, run_benchmark
 
 __all__ = [
     "METHODS",
@@ -37,6 +38,7 @@ __all__ = [
     "interleaved_schedule",
     "load_prompts",
     "predict_speedup",
+    "record_key",
     "render_batch",
     "run_benchmark",
     "write_results",

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any
 
+from ..errors import UserValueError
+
 __all__ = [
     "METHODS",
     "Method",
@@ -124,7 +126,8 @@ def parse_variant_specs(values: Sequence[str]) -> list[tuple[str, str]]:
     the last component of the path (the folder name, or the model name of a Hub id).
 
     Raises:
-        `ValueError`: on an empty name or path, or on repeated names (saying to use `NAME=PATH`).
+        [`~specvlm_hf.errors.UserValueError`] (a `ValueError`): on an empty name or path, or on repeated names (saying
+            to use `NAME=PATH`).
     """
     pairs = []
     for value in values:
@@ -133,12 +136,12 @@ def parse_variant_specs(values: Sequence[str]) -> list[tuple[str, str]]:
             name, path = "", value
         name = name.strip() or PurePath(path.rstrip("/\\")).name
         if not path or not name:
-            raise ValueError(f"--compressor-draft {value!r}: expected PATH or NAME=PATH")
+            raise UserValueError(f"--compressor-draft {value!r}: expected PATH or NAME=PATH")
         pairs.append((name, path))
     names = [name for name, _ in pairs]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
-        raise ValueError(
+        raise UserValueError(
             f"--compressor-draft: variant name(s) {repeated} given more than once; name them with NAME=PATH"
         )
     return pairs
@@ -163,10 +166,11 @@ def _compressor_note(draft: Any) -> str:
 
 
 def check_method_names(names: list[str] | tuple[str, ...]) -> list[str]:
-    """Validates method names (unknown ones raise a `ValueError` listing the valid ones); keeps order, drops repeats."""
+    """Validates method names (unknown ones raise a [`~specvlm_hf.errors.UserValueError`], a `ValueError`, listing the
+    valid ones); keeps order, drops repeats."""
     unknown = [name for name in names if name not in METHODS]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+        raise UserValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
     return list(dict.fromkeys(names))
 
 

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from ..errors import UserFileNotFoundError, UserValueError
+
 __all__ = ["BenchPrompt", "load_prompts", "render_batch"]
 
 _KEYS = {"images", "prompt", "max_new_tokens"}
@@ -54,46 +56,57 @@ def load_prompts(path: str | Path, default_max_new_tokens: int = 128) -> list[Be
         `list[BenchPrompt]`, in file order.
 
     Raises:
-        `FileNotFoundError`: the file does not exist.
-        `ValueError`: a line is not a JSON object with a non-empty `prompt`, has unknown keys or wrong types, names an
-            image file that does not exist, or the file holds no prompt; the message gives `file:line`.
+        [`~specvlm_hf.errors.UserFileNotFoundError`] (a `FileNotFoundError`): the file does not exist, or a line names
+            an image file that does not exist (the message gives `file:line`).
+        [`~specvlm_hf.errors.UserValueError`] (a `ValueError`): the file cannot be read as UTF-8 text, a line is not a
+            JSON object with a non-empty `prompt`, has unknown keys or wrong types, or the file holds no prompt; the
+            message gives `file:line`.
     """
     path = Path(path)
+    if not path.exists():
+        raise UserFileNotFoundError(f"prompts file {path} does not exist")
     if not path.is_file():
-        raise FileNotFoundError(f"prompts file {path} does not exist")
+        raise UserValueError(f"prompts file {path} is not a file")
     if default_max_new_tokens < 1:
-        raise ValueError(f"default_max_new_tokens must be positive, got {default_max_new_tokens}")
+        raise UserValueError(f"default_max_new_tokens must be positive, got {default_max_new_tokens}")
+    try:
+        text_lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise UserValueError(f"{path}: not a UTF-8 text file ({error.reason} at byte {error.start})") from None
+    except OSError as error:
+        raise UserValueError(f"prompts file {path} cannot be read ({error.strerror or error})") from None
     prompts = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(text_lines, start=1):
         where = f"{path}:{number}"
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
+            raise UserValueError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
         if not isinstance(row, dict):
             # a malformed file, reported like every other bad line
-            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")  # noqa: TRY004
+            raise UserValueError(f"{where}: expected a JSON object, got {type(row).__name__}")  # noqa: TRY004
         unknown = set(row) - _KEYS
         if unknown:
-            raise ValueError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(_KEYS)}")
+            raise UserValueError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(_KEYS)}")
         text = row.get("prompt")
         if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"{where}: `prompt` must be a non-empty string")
+            raise UserValueError(f"{where}: `prompt` must be a non-empty string")
         images = row.get("images", [])
         if not isinstance(images, list) or not all(isinstance(name, str) and name for name in images):
-            raise ValueError(f"{where}: `images` must be a list of file names")
+            raise UserValueError(f"{where}: `images` must be a list of file names")
         max_new = row.get("max_new_tokens", default_max_new_tokens)
         if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
-            raise ValueError(f"{where}: `max_new_tokens` must be a positive integer, got {max_new!r}")
+            raise UserValueError(f"{where}: `max_new_tokens` must be a positive integer, got {max_new!r}")
         resolved = tuple((path.parent / name).resolve() for name in images)
         missing = [str(image) for image in resolved if not image.is_file()]
         if missing:
-            raise ValueError(f"{where}: missing image files {missing}")
+            raise UserFileNotFoundError(f"{where}: missing image files {missing} (image paths are relative to the "
+                                        "prompts file's folder)")
         prompts.append(BenchPrompt(prompt=text, images=resolved, max_new_tokens=max_new, source=where))
     if not prompts:
-        raise ValueError(f"{path} holds no prompt")
+        raise UserValueError(f"{path} holds no prompt")
     return prompts
 
 
@@ -116,6 +129,10 @@ def render_batch(
 
     Returns:
         `dict[str, torch.Tensor]` for `model.generate(**inputs)`.
+
+    Raises:
+        [`~specvlm_hf.errors.UserValueError`]: a prompt has images but the target is text-only, or an image file
+            cannot be read as an image (the message gives the prompt's `file:line`).
     """
     from PIL import Image
 
@@ -125,7 +142,9 @@ def render_batch(
     templated = bool(getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None))
     for item in prompts:
         if item.images and not multimodal:
-            raise ValueError(f"{item.source}: the prompt has images but the target is text-only (no image processor)")
+            raise UserValueError(
+                f"{item.source}: the prompt has images but the target is text-only (no image processor)"
+            )
         if multimodal:
             content = [{"type": "image"} for _ in item.images] + [{"type": "text", "text": item.prompt}]
             messages = [{"role": "user", "content": content}]
@@ -137,8 +156,11 @@ def render_batch(
             text = item.prompt
         texts.append(text)
         for image_path in item.images:
-            with Image.open(image_path) as image:
-                images.append(image.convert("RGB"))
+            try:
+                with Image.open(image_path) as image:
+                    images.append(image.convert("RGB"))
+            except (OSError, Image.DecompressionBombError) as error:  # PIL's UnidentifiedImageError is an OSError
+                raise UserValueError(f"{item.source}: cannot read image {image_path} ({error})") from None
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:

@@ -1,10 +1,13 @@
 """Writing `specvlm bench` results: `results.json`, `meta.json`, `results.md` and `results.png`.
 
 `results.json` is a list of records (one per method × temperature × batch size, see
-[`~specvlm_hf.bench.runner.aggregate`]); `meta.json` holds the run's metadata (date, hardware, versions, models,
-prompts, settings, conventions) and the tree calibration; `results.md` renders both as Markdown (with an "Ablation:
-elastic compressor" table when `specvlm_tree_compressor` variants ran); `results.png` draws the speedups, the
-acceptance per depth and, when calibrated, the cost curve and the modelled speedup by tree budget.
+[`~specvlm_hf.bench.runner.aggregate`]), rewritten atomically ([`write_json_atomic`]: a temporary file in the same
+folder, then `os.replace`) after every finished group of records, so that it is always valid JSON and an interrupted
+run keeps what it finished (`specvlm bench --resume` runs the rest); `meta.json` holds the run's metadata (status,
+date, hardware, versions, models, prompts, settings, conventions) and the tree calibration, written before the models
+load and updated as the run goes; `results.md` renders both as Markdown (with an "Ablation: elastic compressor" table
+when `specvlm_tree_compressor` variants ran); `results.png` draws the speedups, the acceptance per depth and, when
+calibrated, the cost curve and the modelled speedup by tree budget. Both are written at the end, and on an interrupt.
 """
 
 from __future__ import annotations
@@ -14,14 +17,30 @@ import json
 import math
 import os
 import platform
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..errors import UserValueError
 from .methods import record_label
 
-__all__ = ["CONVENTIONS", "hardware_info", "plot_results", "render_markdown", "software_versions", "write_results"]
+__all__ = [
+    "CONVENTIONS",
+    "hardware_info",
+    "plot_results",
+    "prepare_output_dir",
+    "read_previous_run",
+    "render_markdown",
+    "software_versions",
+    "write_json_atomic",
+    "write_records",
+    "write_results",
+]
+
+RESULTS_FILE = "results.json"
+META_FILE = "meta.json"
 
 CONVENTIONS = {
     "speedup": "summed plain generate wall time / summed method wall time over the same calls (vision encoding and "
@@ -337,21 +356,154 @@ def plot_results(records: list[dict], meta: dict, path: str | Path) -> Path | No
     return path
 
 
-def write_results(out_dir: str | Path, records: list[dict], meta: dict) -> dict[str, Path]:
+def write_json_atomic(path: str | Path, value: Any) -> Path:
     """
-    Writes `results.json` (the list of records), `meta.json`, `results.md` and `results.png` into `out_dir`.
+    Writes `value` as JSON (NaN/inf as `null`) to `path` atomically: into a temporary file of the same folder, flushed
+    to disk, then moved over `path` with `os.replace`. A reader (or a run interrupted while writing) sees either the
+    previous content or the new one, never a partial file.
 
     Returns:
-        `dict[str, Path]`: what was written (`png` is absent without matplotlib).
+        `Path`: `path`.
+    """
+    path = Path(path)
+    handle = tempfile.NamedTemporaryFile(  # noqa: SIM115  (closed below, before the replace)
+        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+    )
+    try:
+        with handle:
+            handle.write(json.dumps(_clean(value), indent=2) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _has_records(path: Path) -> bool:
+    """Whether `path` exists with anything but an empty JSON list (or whitespace) in it."""
+    if not path.is_file():
+        return False
+    text = path.read_text(encoding="utf-8", errors="replace").strip()
+    if not text:
+        return False
+    try:
+        return json.loads(text) != []
+    except ValueError:
+        return True  # something else is there: never overwritten silently
+
+
+def prepare_output_dir(out_dir: str | Path, resume: bool = False) -> Path:
+    """
+    Checks the output folder before anything is measured: creates it if needed, checks that files can be written in
+    it, and refuses to overwrite earlier results.
+
+    Args:
+        out_dir (`str` or `Path`): the folder (`--out`).
+        resume (`bool`, *optional*, defaults to `False`): whether existing results may be kept and completed
+            (`--resume`); without it, a `results.json` holding records is refused.
+
+    Returns:
+        `Path`: the folder.
+
+    Raises:
+        [`~specvlm_hf.errors.UserValueError`]: the path is a file, cannot be created or is not writable, or holds
+            results and `resume` is off (the message says to pass `--resume` or another `--out`).
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserValueError(f"--out {out_dir} is a file, not a folder; choose a folder for the results")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserValueError(f"--out {out_dir}: cannot create the folder ({error.strerror or error})") from None
+    try:  # the only reliable test (permissions, read-only mounts, quotas): write a file
+        descriptor, probe = tempfile.mkstemp(dir=out_dir, prefix=".specvlm-bench-write-test-")
+        os.close(descriptor)
+        os.unlink(probe)
+    except OSError as error:
+        raise UserValueError(f"--out {out_dir} is not writable ({error.strerror or error})") from None
+    results = out_dir / RESULTS_FILE
+    if results.exists() and not results.is_file():
+        raise UserValueError(f"{results} is not a file; choose another --out")
+    if not resume and _has_records(results):
+        raise UserValueError(
+            f"{results} already holds results; pass --resume to keep them and run only the missing records, or "
+            "choose another --out"
+        )
+    return out_dir
+
+
+def read_previous_run(out_dir: str | Path) -> tuple[list[dict], dict | None]:
+    """
+    The records of `<out_dir>/results.json` and the metadata of `<out_dir>/meta.json` left by an earlier (possibly
+    interrupted) run, for `--resume`.
+
+    Returns:
+        `tuple`: the records (`[]` when there is no `results.json`) and the metadata (`None` without a readable
+        `meta.json`).
+
+    Raises:
+        [`~specvlm_hf.errors.UserValueError`]: `results.json` is not a JSON list of records.
+    """
+    from .runner import RECORD_KEY_FIELDS
+
+    out_dir = Path(out_dir)
+    results = out_dir / RESULTS_FILE
+    records: list[dict] = []
+    if _has_records(results):
+        try:
+            records = json.loads(results.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise UserValueError(
+                f"{results} is not valid JSON ({error}); it was not written by specvlm bench: choose another --out"
+            ) from None
+        required = [key for key in RECORD_KEY_FIELDS if key != "variant"]
+        if not isinstance(records, list) or not all(
+            isinstance(r, dict) and all(key in r for key in required) for r in records
+        ):
+            raise UserValueError(
+                f"{results} is not a list of specvlm bench records (each with {required}); choose another --out"
+            )
+    meta = None
+    try:
+        meta = json.loads((out_dir / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    return records, meta if isinstance(meta, dict) else None
+
+
+def write_records(out_dir: str | Path, records: list[dict], meta: dict | None = None) -> dict[str, Path]:
+    """
+    Writes `results.json` and, when given, `meta.json`, each atomically ([`write_json_atomic`]); the cheap part of
+    [`write_results`], called after every finished group of records.
+
+    Returns:
+        `dict[str, Path]`: what was written (`json`, and `meta` when given).
+    """
+    out_dir = Path(out_dir)
+    written = {"json": write_json_atomic(out_dir / RESULTS_FILE, records)}
+    if meta is not None:
+        written["meta"] = write_json_atomic(out_dir / META_FILE, meta)
+    return written
+
+
+def write_results(out_dir: str | Path, records: list[dict], meta: dict) -> dict[str, Path]:
+    """
+    Writes `results.json` (the list of records), `meta.json`, `results.md` and `results.png` into `out_dir` (the two
+    JSON files atomically).
+
+    Returns:
+        `dict[str, Path]`: what was written (`png` is absent without matplotlib, or when there is no record).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     records, meta = _clean(records), _clean(meta)
-    written = {"json": out_dir / "results.json", "meta": out_dir / "meta.json", "md": out_dir / "results.md"}
-    written["json"].write_text(json.dumps(records, indent=2) + "\n")
-    written["meta"].write_text(json.dumps(meta, indent=2) + "\n")
+    written = write_records(out_dir, records, meta)
+    written["md"] = out_dir / "results.md"
     written["md"].write_text(render_markdown(records, meta))
-    png = plot_results(records, meta, out_dir / "results.png")
+    png = plot_results(records, meta, out_dir / "results.png") if records else None
     if png is not None:
         written["png"] = png
     return written

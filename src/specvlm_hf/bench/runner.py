@@ -1,14 +1,15 @@
 """The measurement loop of `specvlm bench`: warm-up, interleaved timed runs, and per-method aggregation.
 
-Protocol (per batch size):
+Protocol (per batch size, then per temperature: each such group finishes its records before the next one starts,
+so an interrupted run keeps every finished group, see [`run_benchmark`]):
 
-1. every method is warmed up once per temperature on the first batch (a short generate); a transformers assisted
-   method that refuses the batch size (transformers 5.23 runs assisted decoding at batch size 1 only) is recorded as
-   unsupported there, with the error;
+1. every method is warmed up once on the first batch (a short generate); a transformers assisted method that refuses
+   the batch size (transformers 5.23 runs assisted decoding at batch size 1 only) is recorded as unsupported there,
+   with the error;
 2. for each repetition and each batch of prompts, the time to first token is measured (plain `generate` with
-   `max_new_tokens=1`: vision encoding + prefill + one token), then every method runs once per temperature, in an
-   order rotated by one method per repetition and per batch ([`interleaved_schedule`]), so that slow drift (thermal,
-   other processes) affects every method alike;
+   `max_new_tokens=1`: vision encoding + prefill + one token), then every method runs once, in an order rotated by
+   one method per repetition and per batch ([`interleaved_schedule`]), so that slow drift (thermal, other processes)
+   affects every method alike;
 3. each call is timed end to end (`generate` wall time, vision encoding and prefill included); at temperature `T > 0`
    every method of a batch starts from the same `torch.manual_seed`.
 
@@ -30,24 +31,27 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ..errors import UserValueError
 from ..generation.stats import SpeculationStats
 from ..models.compressor_metrics import draft_kv_bytes, draft_prefill_flops
 from .methods import Method
 from .prompts import BenchPrompt, render_batch
 
 __all__ = [
+    "RECORD_KEY_FIELDS",
     "BenchSettings",
     "PeakMemory",
     "RunResult",
     "ScheduleItem",
     "aggregate",
     "interleaved_schedule",
+    "record_key",
     "rotated",
     "run_benchmark",
 ]
@@ -80,11 +84,11 @@ class BenchSettings:
 
     def __post_init__(self):
         if not self.temperatures or any(t < 0 for t in self.temperatures):
-            raise ValueError(f"temperatures must be non-negative, got {self.temperatures}")
+            raise UserValueError(f"temperatures must be non-negative, got {self.temperatures}")
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
-            raise ValueError(f"batch sizes must be positive, got {self.batch_sizes}")
+            raise UserValueError(f"batch sizes must be positive, got {self.batch_sizes}")
         if self.repeats < 1:
-            raise ValueError(f"repeats must be positive, got {self.repeats}")
+            raise UserValueError(f"repeats must be positive, got {self.repeats}")
 
 
 @dataclass(frozen=True)
@@ -307,6 +311,29 @@ class _Caller:
         return time.perf_counter() - start
 
 
+#: The fields that identify a result record: one record per method (and compressor variant), temperature and batch
+#: size. `specvlm bench --resume` skips the records whose key is already in `results.json`.
+RECORD_KEY_FIELDS = ("method", "variant", "temperature", "batch_size")
+
+
+def record_key(record: Mapping[str, Any]) -> tuple[str, str | None, float, int]:
+    """
+    The identity of a result record: `(method, variant, temperature, batch_size)` (see [`RECORD_KEY_FIELDS`]).
+
+    Example:
+
+    ```python
+    >>> record_key({"method": "specvlm_tree", "temperature": 0, "batch_size": 1, "speedup": 0.6})
+    ('specvlm_tree', None, 0.0, 1)
+    ```
+    """
+    return (str(record["method"]), record.get("variant"), float(record["temperature"]), int(record["batch_size"]))
+
+
+def _method_key(method: Method, temperature: float, batch_size: int) -> tuple[str, str | None, float, int]:
+    return method.name, method.variant, float(temperature), int(batch_size)
+
+
 def run_benchmark(
     target: Any,
     processor: Any,
@@ -315,9 +342,14 @@ def run_benchmark(
     settings: BenchSettings,
     *,
     progress: bool = True,
+    done: Collection[tuple] = (),
+    on_records: Callable[[list[dict]], None] | None = None,
 ) -> tuple[list[dict], list[RunResult], dict[tuple[int, int], list[float]]]:
     """
     Runs the whole benchmark (see the module docstring for the protocol).
+
+    Records are finished one group (batch size × temperature) at a time; `on_records` receives each group as soon as
+    it is aggregated, so that a caller can save partial results before the next group starts.
 
     Args:
         target: the target model.
@@ -326,9 +358,13 @@ def run_benchmark(
         methods (`Sequence[Method]`): from [`~specvlm_hf.bench.methods.build_methods`]; `generate` must be first.
         settings ([`BenchSettings`]): temperatures, batch sizes, repetitions, sampling settings.
         progress (`bool`, *optional*, defaults to `True`): show a tqdm progress bar on stderr.
+        done (`Collection[tuple]`, *optional*): [`record_key`]s of records measured before (e.g. by an interrupted
+            run): they are neither run again nor returned. Plain `generate` still runs in a group where another record
+            is missing, as the baseline of its ratios; a group with nothing missing is skipped entirely.
+        on_records (`Callable[[list[dict]], None]`, *optional*): called with the new records of each finished group.
 
     Returns:
-        `tuple`: the records (one dict per method × temperature × batch size, see [`aggregate`]), every
+        `tuple`: the new records (one dict per method × temperature × batch size, see [`aggregate`]), every
         [`RunResult`], and the time-to-first-token samples per `(batch_size, unit)`.
     """
     from tqdm.auto import tqdm
@@ -338,6 +374,7 @@ def run_benchmark(
     labels = [m.label for m in methods]
     if len(set(labels)) != len(labels):
         raise ValueError(f"method labels must be unique (give compressor variants distinct names), got {labels}")
+    done = set(done)
     caller = _Caller(target, settings)
     runs: list[RunResult] = []
     ttfts: dict[tuple[int, int], list[float]] = {}
@@ -345,52 +382,86 @@ def run_benchmark(
     try:
         for batch_size in settings.batch_sizes:
             units = [list(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
-            inputs = [render_batch(processor, unit, caller.device, target.dtype) for unit in units]
+            inputs: list[dict] | None = None  # rendered once per batch size, when a group of it first runs
             max_new = [max(p.max_new_tokens for p in unit) for unit in units]
             if settings.cap_new_tokens:
                 max_new = [min(m, settings.cap_new_tokens) for m in max_new]
-            active = [m for m in methods if m.available]
-            schedule_len = settings.repeats * len(units) * (len(settings.temperatures) * len(active) + 1)
-            bar = tqdm(total=len(active) * len(settings.temperatures) + schedule_len, desc=f"bench batch={batch_size}",
-                       disable=not progress, file=sys.stderr, leave=True)
-            for method in active:
-                for temperature in settings.temperatures:
-                    bar.set_postfix_str(f"warm-up {method.label} T={temperature:g}")
-                    try:
-                        caller.call(method, inputs[0], temperature, settings.warmup_tokens, settings.seed)
-                    except ValueError as error:
-                        if not method.is_transformers_assisted:
-                            raise
-                        method.unsupported_batch_sizes[batch_size] = str(error)
-                    bar.update(1)
-            runnable = [m for m in active if m.runs_at(batch_size)]
-            by_label = {m.label: m for m in runnable}
-            schedule = interleaved_schedule([m.label for m in runnable], len(units), settings.repeats,
-                                            settings.temperatures)
-            bar.total = len(active) * len(settings.temperatures) + len(schedule) + settings.repeats * len(units)
-            current = None
-            for item in schedule:
-                if (item.repeat, item.unit) != current:
-                    current = (item.repeat, item.unit)
-                    bar.set_postfix_str(f"time to first token, batch {item.unit}")
-                    ttfts.setdefault((batch_size, item.unit), []).append(caller.ttft(inputs[item.unit]))
-                    bar.update(1)
-                bar.set_postfix_str(f"{item.method} T={item.temperature:g} batch {item.unit} rep {item.repeat}")
-                seed = settings.seed + 1000 * item.unit + item.repeat
-                seconds, rows, forwards, stats, peak, increase = caller.call(
-                    by_label[item.method], inputs[item.unit], item.temperature, max_new[item.unit], seed
-                )
-                runs.append(RunResult(item.method, item.temperature, batch_size, item.unit, item.repeat, seconds,
-                                      rows, forwards, stats, peak, increase))
-                bar.update(1)
-            bar.close()
-            records += aggregate(
-                [r for r in runs if r.batch_size == batch_size], methods, settings.temperatures, batch_size,
-                {unit: values for (b, unit), values in ttfts.items() if b == batch_size}, caller.memory.kind,
-            )
+            for temperature in settings.temperatures:
+                missing = [m for m in methods if _method_key(m, temperature, batch_size) not in done]
+                if not missing:
+                    continue
+                # plain generate is the baseline of every ratio, so it runs whenever another method does; a record of
+                # an unavailable method needs no call
+                wanted = {id(m) for m in missing if m.available}
+                active = [m for m in methods if id(m) in wanted or m is methods[0]] if wanted else []
+                if active and inputs is None:
+                    inputs = [render_batch(processor, unit, caller.device, target.dtype) for unit in units]
+                group_runs, group_ttfts = _run_group(caller, active, inputs, max_new, temperature, batch_size, settings,
+                                                     tqdm, progress)
+                runs += group_runs
+                for unit, values in group_ttfts.items():
+                    ttfts.setdefault((batch_size, unit), []).extend(values)
+                group = aggregate(group_runs, missing, [temperature], batch_size, group_ttfts, caller.memory.kind)
+                records += group
+                if on_records is not None:
+                    on_records(group)
     finally:
         caller.close()
     return records, runs, ttfts
+
+
+def _run_group(
+    caller: _Caller,
+    active: list[Method],
+    inputs: list[dict] | None,
+    max_new: list[int],
+    temperature: float,
+    batch_size: int,
+    settings: BenchSettings,
+    tqdm: Any,
+    progress: bool,
+) -> tuple[list[RunResult], dict[int, list[float]]]:
+    """Warm-up, time to first token and the interleaved timed calls of one batch size and temperature; returns the
+    runs and the time-to-first-token samples per batch of prompts."""
+    ttfts: dict[int, list[float]] = {}
+    if not active or inputs is None:
+        return [], ttfts
+    bar = tqdm(total=len(active) + settings.repeats * len(inputs) * (len(active) + 1),
+               desc=f"bench batch={batch_size} T={temperature:g}", disable=not progress, file=sys.stderr, leave=True)
+    for method in active:
+        if not method.runs_at(batch_size):  # already refused at this batch size (at another temperature)
+            bar.update(1)
+            continue
+        bar.set_postfix_str(f"warm-up {method.label}")
+        try:
+            caller.call(method, inputs[0], temperature, settings.warmup_tokens, settings.seed)
+        except ValueError as error:
+            if not method.is_transformers_assisted:
+                raise
+            method.unsupported_batch_sizes[batch_size] = str(error)
+        bar.update(1)
+    runnable = [m for m in active if m.runs_at(batch_size)]
+    by_label = {m.label: m for m in runnable}
+    schedule = interleaved_schedule([m.label for m in runnable], len(inputs), settings.repeats, [temperature])
+    bar.total = len(active) + len(schedule) + settings.repeats * len(inputs)
+    runs = []
+    current = None
+    for item in schedule:
+        if (item.repeat, item.unit) != current:
+            current = (item.repeat, item.unit)
+            bar.set_postfix_str(f"time to first token, batch {item.unit}")
+            ttfts.setdefault(item.unit, []).append(caller.ttft(inputs[item.unit]))
+            bar.update(1)
+        bar.set_postfix_str(f"{item.method} batch {item.unit} rep {item.repeat}")
+        seed = settings.seed + 1000 * item.unit + item.repeat
+        seconds, rows, forwards, stats, peak, increase = caller.call(
+            by_label[item.method], inputs[item.unit], item.temperature, max_new[item.unit], seed
+        )
+        runs.append(RunResult(item.method, item.temperature, batch_size, item.unit, item.repeat, seconds, rows,
+                              forwards, stats, peak, increase))
+        bar.update(1)
+    bar.close()
+    return runs, ttfts
 
 
 def _ratio(numerator: float, denominator: float) -> float | None:
