@@ -127,6 +127,7 @@ def test_each_bad_record_kind_is_skipped_and_counted(processor, image_dir, tmp_p
     }
     assert set(dataset.skip_examples) == set(dataset.skipped)
     assert "missing.png" in dataset.skip_examples["missing_image"]
+    assert dataset.skip_examples["missing_image"].startswith(f"{path}:10: ")  # file and line of the record
     assert "11 skipped (malformed: 6, no_assistant_turn: 2, missing_image: 1" in dataset.skip_summary()
     assert "2 usable records, 11 skipped" in caplog.text
     assert set(dataset.skipped) <= set(SKIP_REASONS)
@@ -340,6 +341,7 @@ def test_a_record_whose_image_vanishes_after_validation_is_skipped_and_counted(p
     assert dict(dataset.failed_in_use) == {"missing_image": 1, "unreadable_image": 1}
     assert f"{path}:2" in caplog.text and f"{path}:3" in caplog.text
     assert "0 skipped; 2 failed after validation (missing_image: 1, unreadable_image: 1)" in dataset.skip_summary()
+    assert len(list(dataset)) == 3  # iteration still ends (IndexError past the end)
     (tmp_path / "0.png").unlink()
     with pytest.raises(UserValueError, match="every usable record"):
         dataset[0]

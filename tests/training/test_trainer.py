@@ -340,3 +340,27 @@ def test_an_image_that_vanishes_after_validation_is_skipped_and_training_continu
     assert f"{path}:1: no image file at" in dataset.skip_examples["missing_image"]
     assert output.metrics["train_records_failed_after_validation"] == 1
     assert "1 failed after validation (missing_image: 1)" in dataset.skip_summary()
+
+
+@requires_loop
+def test_acceptance_prompts_whose_image_vanished_are_skipped_and_counted(target, draft, processor, tmp_path):
+    from PIL import Image
+
+    rows = []
+    for index in range(2):
+        Image.new("RGB", (24, 24), (200, 30 * index, 30)).save(tmp_path / f"{index}.png")
+        rows.append(
+            {
+                "images": [str(tmp_path / f"{index}.png")],
+                "conversations": [
+                    {"from": "human", "value": "<image>\nwhat color ?"},
+                    {"from": "gpt", "value": "red ."},
+                ],
+            }
+        )
+    dataset = DistillationDataset(rows, processor, show_progress=False)
+    trainer = OnlineDistillationTrainer(model=draft, teacher=target, args=tiny_args(tmp_path), train_dataset=dataset)
+    (tmp_path / "0.png").unlink()
+    metrics = trainer.measure_acceptance(dataset, num_prompts=2, max_new_tokens=2)
+    assert metrics["acceptance_prompts"] == 1.0 and "mean_accept_len" in metrics
+    assert dict(dataset.failed_in_use) == {"missing_image": 1} and "record 0" in dataset.skip_examples["missing_image"]

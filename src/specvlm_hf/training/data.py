@@ -605,7 +605,7 @@ class DistillationDataset(Dataset):
                 example = self._encode(index)
             except BadRecord as bad:
                 self.skipped[bad.reason] += 1
-                self.skip_examples.setdefault(bad.reason, bad.detail)
+                self.skip_examples.setdefault(bad.reason, f"{self.location(index)}: {bad.detail}")
                 continue
             self._indices.append(index)
             self.lengths.append(int(example["input_ids"].shape[0]))
@@ -708,7 +708,9 @@ class DistillationDataset(Dataset):
             [`~specvlm_hf.errors.UserValueError`] when every usable record fails now.
         """
         count = len(self._indices)
-        position = index % count if count else 0
+        if not -count <= index < count:
+            raise IndexError(f"index {index} out of range for {count} usable records")
+        position = index % count
         failures: list[tuple[int, str, str]] = []
         example = None
         for _ in range(count):

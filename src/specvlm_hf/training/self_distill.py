@@ -326,6 +326,8 @@ def regenerate_answers(
         [`~specvlm_hf.errors.UserValueError`] when `resume=True` and `output_path` holds answers of another input.
     """
     output_path = os.fspath(output_path)
+    counts: Counter = Counter()
+    records = load_llava_records(data, skipped=counts) if isinstance(data, (str, os.PathLike)) else data
     fingerprint = regeneration_fingerprint(
         target,
         processing_class,
@@ -337,8 +339,6 @@ def regenerate_answers(
     )
     if resume:
         _check_resumable(output_path, fingerprint)
-    counts: Counter = Counter()
-    records = load_llava_records(data, skipped=counts) if isinstance(data, (str, os.PathLike)) else data
     text_only = not isinstance(processing_class, ProcessorMixin)
     tokenizer = tokenizer_of(processing_class)
     generation = {"do_sample": False, **(generation_kwargs or {}), "max_new_tokens": max_new_tokens}
