@@ -65,6 +65,7 @@ def tree_attention_mask(
     n_pad: int,
     dtype: torch.dtype,
     device: torch.device,
+    padding: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor | dict[str, torch.Tensor]:
     """
     Additive 4-D attention mask(s) for one verification forward of `n = len(depths)` tokens (root + draft nodes).
@@ -80,6 +81,9 @@ def tree_attention_mask(
         dtype (`torch.dtype`): the model's compute dtype (0 = attend, `finfo(dtype).min` = masked; boolean masks are
             silently wrong under eager attention).
         device (`torch.device`): device of the mask.
+        padding (`dict`, *optional*): when given, filled with `kind -> torch.BoolTensor (kv_len,)` marking the
+            prefix columns that hold left padding (the exact verification attention lays keys out as plain decoding
+            does, padding included).
 
     Returns:
         A `(1, 1, n, kv_len)` tensor, or for hybrid models a dict `{"full_attention": ..., "sliding_attention": ...}`.
@@ -96,6 +100,8 @@ def tree_attention_mask(
         first_slot = seen - n_pre  # absolute slot of the first prefix column kept by this layer
         abs_slots = torch.arange(first_slot, seen)
         pre = (abs_slots >= n_pad)[None, :].expand(n, -1)
+        if padding is not None:
+            padding[kind] = torch.cat([abs_slots < n_pad, torch.zeros(n, dtype=torch.bool)])
         tree = ancestors.clone()
         if isinstance(layer, DynamicSlidingWindowLayer):
             window = layer.sliding_window

@@ -30,6 +30,7 @@ from transformers.utils import logging
 from .acceptance import sample_token, walk_tree
 from .cache_utils import check_cache_supported, compact, select_row, tree_attention_mask
 from .drafter import EagleTreeDrafter, TreeKnobs
+from .exact_attention import PLAN_KWARG, RowwisePlan, exact_attention_selected, probe_exact_verification
 from .route import GENERATE_KNOBS
 from .stats import SpeculationStats
 from .tree import children_table, position_ids_for_tree
@@ -198,7 +199,8 @@ class _RowDecoder:
     """Decodes one batch row after the shared prefill. State lives here, per call, never on the models."""
 
     def __init__(self, target, draft, drafter, cache, n_pad, next_position, mrope_axes, layer_ids, head,
-                 logits_processor, stopping_criteria, generation_config, streamer, stats):
+                 logits_processor, stopping_criteria, generation_config, streamer, stats, exact=False,
+                 padded_batch=False):
         self.target, self.draft, self.drafter, self.cache = target, draft, drafter, cache
         self.n_pad, self.next_position, self.mrope_axes = n_pad, next_position, mrope_axes
         self.layer_ids = layer_ids
@@ -214,6 +216,8 @@ class _RowDecoder:
         self.keep_logits = bool(generation_config.return_dict_in_generate and generation_config.output_logits)
         self.layer_types = getattr(target.config.get_text_config(), "layer_types", None)
         self.streamer, self.stats = streamer, stats
+        self.exact = exact  # verification attention reproduces one-token decoding row by row (exact_attention.py)
+        self.padded_batch = padded_batch  # the call's batch had left padding (plain decoding then masks every row)
         self.scores: list[torch.Tensor] = []
         self.raw_logits: list[torch.Tensor] = []
 
@@ -248,8 +252,13 @@ class _RowDecoder:
             tree = self.drafter.propose()
             n_block = tree.num_nodes + 1
             block = torch.cat([ids[0, -1:].cpu(), tree.tokens]).view(1, -1).to(ids.device)
-            mask = tree_attention_mask(self.cache, self.layer_types, tree.ancestors, tree.depths, self.n_pad, dtype, device)
+            padding: dict[str, torch.Tensor] | None = {} if self.exact else None
+            mask = tree_attention_mask(self.cache, self.layer_types, tree.ancestors, tree.depths, self.n_pad, dtype,
+                                       device, padding=padding)
             positions = position_ids_for_tree(tree.depths, self.next_position, self.mrope_axes).to(device)
+            exact_kwargs = (
+                {PLAN_KWARG: RowwisePlan.from_masks(mask, padding, self.padded_batch)} if self.exact else {}
+            )
             out = self.target(
                 input_ids=block,
                 attention_mask=mask,
@@ -259,6 +268,7 @@ class _RowDecoder:
                 output_hidden_states=self.verify_layer_ids,
                 logits_to_keep=self.root_only if self.lazy_head else 0,
                 return_dict=True,
+                **exact_kwargs,
             )
             logits = _SlotLogits(out.logits[0], out.hidden_states[self.final_layer][0], self.head, self.lazy_head)
             children = children_table(tree)
@@ -320,6 +330,46 @@ def tree_assisted_decoding(
     if target.config.is_encoder_decoder:
         raise ValueError("SpecVLM drafts support decoder-only targets (VLMs and causal LMs).")
     _validate(target, draft, generation_config, model_kwargs)
+    exact = _use_exact_verification(target, generation_config)
+    with exact_attention_selected(target, enabled=exact) as exact:
+        return _decode(target, draft, input_ids, logits_processor, stopping_criteria, generation_config, streamer,
+                       exact, model_kwargs)
+
+
+def _use_exact_verification(target: "PreTrainedModel", generation_config: "GenerationConfig") -> bool:
+    """
+    Whether verification runs the exact row-wise attention (`exact_attention.py`): `exact_verification=True/False`
+    per call, else automatically where the target runs SDPA and the machine's kernels pass the probe.
+    """
+    requested = getattr(generation_config, "exact_verification", None)
+    text_config = target.config.get_text_config()
+    sdpa = text_config._attn_implementation == "sdpa"
+    device = target.get_output_embeddings().weight.device
+    dtype = target.get_output_embeddings().weight.dtype
+    if requested is False:
+        return False
+    if not sdpa:
+        if requested:
+            raise ValueError(
+                f"exact_verification=True needs the target's text model on attn_implementation='sdpa' (it runs "
+                f"{text_config._attn_implementation!r}): load it with attn_implementation='sdpa'."
+            )
+        return False
+    probe = probe_exact_verification(device, dtype, hidden_size=text_config.hidden_size)
+    if requested and not probe.exact:
+        logger.warning_once(f"exact_verification=True on a machine whose kernels fail the probe ({probe.reason}): "
+                            "verification runs row by row but may still round differently from plain decoding.")
+        return True
+    if not probe.exact and dtype in (torch.bfloat16, torch.float16):
+        logger.warning_once(
+            f"{dtype} greedy output may differ from plain generate at near-tie tokens on this machine ({probe.reason}); "
+            "float32 avoids it. See the README's 'Lossless' section."
+        )
+    return bool(requested) or (probe.exact and dtype in (torch.bfloat16, torch.float16))
+
+
+def _decode(target, draft, input_ids, logits_processor, stopping_criteria, generation_config, streamer, exact,
+            model_kwargs):
     knobs = _tree_knobs(draft, generation_config)
     cache = model_kwargs.get("past_key_values")
     check_cache_supported(cache)
@@ -378,7 +428,7 @@ def tree_assisted_decoding(
         paired_positions = [position_ids[-3:, r, starts[r] + 1 :] for r in range(batch_size)] if mrope_axes else None
         grids = image_grids(target.config.model_type, paired_rows, visual_ids, paired_positions)
 
-    stats = SpeculationStats()
+    stats = SpeculationStats(exact_verification=exact)
     rows: list[torch.Tensor] = []
     row_decoders: list[_RowDecoder] = []
     for r in range(batch_size):
@@ -394,7 +444,8 @@ def tree_assisted_decoding(
         drafter = EagleTreeDrafter(draft, embed_tokens, lm_head, knobs)
         row_stats = SpeculationStats(prefill_tokens=prompt_len - starts[r])
         decoder = _RowDecoder(target, draft, drafter, row_cache, n_pad, next_position, mrope_axes, layer_ids, head,
-                              logits_processor, stopping_criteria, generation_config, streamer, row_stats)
+                              logits_processor, stopping_criteria, generation_config, streamer, row_stats, exact,
+                              padded_batch=any(n_pads))
         ids, finished = decoder.first_token(input_ids[r : r + 1], last_logits[r : r + 1])
         if not finished:
             first = ids[:, -1:]

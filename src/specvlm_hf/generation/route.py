@@ -22,6 +22,8 @@ _ROUTE_FLAG = "_specvlm_route"
 #: `GenerationConfig` (default `None` = use the draft config's value) so `generate` files them into the generation
 #: config instead of rejecting them as unknown model kwargs.
 GENERATE_KNOBS = ("tree_top_k", "tree_depth", "tree_total_tokens")
+#: Per-call switches of the loop (default `None` = automatic), declared on `GenerationConfig` like the tree knobs.
+GENERATE_SWITCHES = ("exact_verification",)
 
 
 def is_specvlm_draft(model: Any) -> bool:
@@ -35,7 +37,7 @@ def install_generate_route() -> None:
     `GenerationMixin._validate_generation_mode` so settings that would silently drop the draft (beam search, ...)
     raise instead. Idempotent.
     """
-    for knob in GENERATE_KNOBS:
+    for knob in GENERATE_KNOBS + GENERATE_SWITCHES:
         if not hasattr(GenerationConfig, knob):
             setattr(GenerationConfig, knob, None)
     _install_validation()

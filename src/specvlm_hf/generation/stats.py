@@ -33,6 +33,14 @@ class SpeculationStats:
         draft_prefill_tokens (`int`): tokens the draft actually saw in its prefill (fewer with a visual compressor).
         draft_prefill_seconds (`float`): wall time of the draft's prefill (compressor included; the device is
             synchronised around it on CUDA).
+        target_seconds (`float`): wall time inside the target's forwards (prefill + every verification forward).
+        draft_seconds (`float`): wall time inside the draft's forwards (prefill, catch-up and tree expansion, its
+            LM head included).
+        total_seconds (`float`): wall time of the whole decoding call; `total - target - draft` is the loop's own
+            time (tree building, masks, acceptance walk, stopping checks, cache compaction, Python).
+        exact_verification (`bool`): whether verification ran the exact row-wise attention
+            (`specvlm_hf.generation.exact_attention`), which makes reduced-precision greedy output bitwise equal to
+            plain decoding on machines whose kernels pass the probe.
     """
 
     target_forwards: int = 0
@@ -46,6 +54,10 @@ class SpeculationStats:
     draft_prefill_tokens: int = 0
     compressor_choices: dict[str, int] = field(default_factory=dict)
     draft_prefill_seconds: float = 0.0
+    target_seconds: float = 0.0
+    draft_seconds: float = 0.0
+    total_seconds: float = 0.0
+    exact_verification: bool = False
 
     def record_cycle(self, n_accepted_draft: int, n_emitted: int, n_drafted: int) -> None:
         """Adds one verification cycle that accepted `n_accepted_draft` draft tokens and emitted `n_emitted`."""
@@ -63,8 +75,10 @@ class SpeculationStats:
         """Sums two stats objects (used across batch rows)."""
         out = SpeculationStats(**asdict(self))
         for name in ("target_forwards", "draft_forwards", "tokens_emitted", "accepted_draft_tokens", "drafted_tokens",
-                     "prefill_tokens", "draft_prefill_tokens", "draft_prefill_seconds"):
+                     "prefill_tokens", "draft_prefill_tokens", "draft_prefill_seconds", "target_seconds",
+                     "draft_seconds", "total_seconds"):
             setattr(out, name, getattr(self, name) + getattr(other, name))
+        out.exact_verification = self.exact_verification or other.exact_verification
         out.accepted_per_cycle = self.accepted_per_cycle + other.accepted_per_cycle
         depth = max(len(self.depth_reached), len(other.depth_reached))
         out.depth_reached = [
@@ -94,6 +108,18 @@ class SpeculationStats:
             return []
         return [count / self.target_forwards for count in self.depth_reached]
 
+    @property
+    def time_fractions(self) -> dict[str, float] | None:
+        """
+        Shares of the call's wall time: `target_forward` (the target's forwards), `draft` (the draft's forwards) and
+        `loop` (everything else); they sum to 1. `None` when no time was recorded.
+        """
+        if self.total_seconds <= 0:
+            return None
+        target = min(self.target_seconds / self.total_seconds, 1.0)
+        draft = min(self.draft_seconds / self.total_seconds, 1.0 - target)
+        return {"target_forward": target, "draft": draft, "loop": 1.0 - target - draft}
+
     def to_dict(self) -> dict:
         """Plain dict with the derived metrics, for JSON reports."""
         data = asdict(self)
@@ -101,5 +127,6 @@ class SpeculationStats:
             mean_accept_len=self.mean_accept_len,
             mean_accepted_draft_tokens=self.mean_accepted_draft_tokens,
             acceptance_per_depth=self.acceptance_per_depth,
+            time_fractions=self.time_fractions,
         )
         return data
