@@ -10,7 +10,7 @@ from transformers.cache_utils import DynamicCache
 from specvlm_hf import SpecVLMDraftModel
 from specvlm_hf.testing.tiny_models import build_tiny_target, make_inputs
 
-from .oracle import use_oracle
+from .oracle import oracle
 
 
 def _draft(target):
@@ -19,15 +19,15 @@ def _draft(target):
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3", "llama"])
-@pytest.mark.parametrize("oracle", [False, True])
-def test_cache_equals_fresh_prefill_of_final_sequence(monkeypatch, family, oracle):
+@pytest.mark.parametrize("use_replay", [False, True])
+def test_cache_equals_fresh_prefill_of_final_sequence(family, use_replay):
     target = build_tiny_target(family)
     inputs = make_inputs(family, target, with_image=family != "llama")
     reference = target.generate(**inputs, max_new_tokens=20, do_sample=False)
-    if oracle:
-        use_oracle(monkeypatch, [reference[0].tolist()])
+    replay = oracle([reference[0].tolist()]) if use_replay else {}
     out = target.generate(
-        **inputs, max_new_tokens=20, do_sample=False, assistant_model=_draft(target), return_dict_in_generate=True
+        **inputs, max_new_tokens=20, do_sample=False, assistant_model=_draft(target), return_dict_in_generate=True,
+        **replay,
     )
     assert out.sequences.tolist() == reference.tolist()
     # fresh prefill of everything but the last token (never fed, exactly as in plain decoding): the prompt with its
@@ -46,17 +46,16 @@ def test_cache_equals_fresh_prefill_of_final_sequence(monkeypatch, family, oracl
         torch.testing.assert_close(ours.values[..., -n:, :], theirs.values[..., -n:, :], atol=2e-5, rtol=1e-4)
 
 
-def test_eos_inside_an_accepted_chunk_stops_exactly(monkeypatch):
+def test_eos_inside_an_accepted_chunk_stops_exactly():
     target = build_tiny_target("llava")
     inputs = make_inputs("llava", target, with_image=True)
     free = target.generate(**inputs, max_new_tokens=20, do_sample=False)
     n_prompt = inputs["input_ids"].shape[1]
     eos = free[0, n_prompt + 5].item()  # make the 6th generated token an end-of-sequence token
     reference = target.generate(**inputs, max_new_tokens=20, do_sample=False, eos_token_id=eos)
-    use_oracle(monkeypatch, [free[0].tolist()])
     out = target.generate(
         **inputs, max_new_tokens=20, do_sample=False, eos_token_id=eos, assistant_model=_draft(target),
-        return_dict_in_generate=True,
+        return_dict_in_generate=True, **oracle([free[0].tolist()]),
     )
     assert out.sequences.tolist() == reference.tolist()
     assert out.sequences[0, -1].item() == eos
@@ -72,23 +71,24 @@ class _StopAfter(StoppingCriteria):
 
 
 @pytest.mark.parametrize("max_new_tokens", [1, 2, 7])
-def test_max_new_tokens_and_custom_criteria(monkeypatch, max_new_tokens):
+def test_max_new_tokens_and_custom_criteria(max_new_tokens):
     target = build_tiny_target("qwen2_vl")
     inputs = make_inputs("qwen2_vl", target, with_image=True)
     reference = target.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    use_oracle(monkeypatch, [target.generate(**inputs, max_new_tokens=30, do_sample=False)[0].tolist()])
+    replay = oracle([target.generate(**inputs, max_new_tokens=30, do_sample=False)[0].tolist()])
     draft = _draft(target)
-    out = target.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, assistant_model=draft)
+    out = target.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, assistant_model=draft, **replay)
     assert out.tolist() == reference.tolist()
     n_prompt = inputs["input_ids"].shape[1]
     criteria = StoppingCriteriaList([_StopAfter(n_prompt + 4)])
     ref_custom = target.generate(**inputs, max_new_tokens=30, do_sample=False, stopping_criteria=criteria)
-    out_custom = target.generate(**inputs, max_new_tokens=30, do_sample=False, stopping_criteria=criteria, assistant_model=draft)
+    out_custom = target.generate(**inputs, max_new_tokens=30, do_sample=False, stopping_criteria=criteria,
+                                 assistant_model=draft, **replay)
     assert out_custom.tolist() == ref_custom.tolist()
     assert out_custom.shape[1] == n_prompt + 4
 
 
-def test_streamer_receives_every_token(monkeypatch):
+def test_streamer_receives_every_token():
     target = build_tiny_target("llama")
     inputs = make_inputs("llama", target, with_image=False)
     reference = target.generate(**inputs, max_new_tokens=16, do_sample=False)
@@ -105,8 +105,8 @@ def test_streamer_receives_every_token(monkeypatch):
 
     plain_stream, spec_stream = Collect(), Collect()
     target.generate(**inputs, max_new_tokens=16, do_sample=False, streamer=plain_stream)
-    use_oracle(monkeypatch, [reference[0].tolist()])
-    target.generate(**inputs, max_new_tokens=16, do_sample=False, streamer=spec_stream, assistant_model=_draft(target))
+    target.generate(**inputs, max_new_tokens=16, do_sample=False, streamer=spec_stream, assistant_model=_draft(target),
+                    **oracle([reference[0].tolist()]))
     flat = lambda chunks: [t for chunk in chunks for t in chunk]  # noqa: E731
     assert flat(spec_stream.chunks) == flat(plain_stream.chunks)
     assert spec_stream.ended

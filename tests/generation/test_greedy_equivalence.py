@@ -8,7 +8,7 @@ import torch
 from specvlm_hf import SpecVLMDraftModel
 from specvlm_hf.testing.tiny_models import FAMILIES, MULTIMODAL_FAMILIES, build_tiny_target, make_inputs, split_rows
 
-from .oracle import use_oracle
+from .oracle import oracle
 
 CASES = [
     (family, with_image, batch_size)
@@ -45,14 +45,14 @@ def _unpadded_rows(inputs: dict, sequences: torch.Tensor) -> list[list[int]]:
 
 @pytest.mark.parametrize("draft_kind", ["random", "oracle"])
 @pytest.mark.parametrize("family,with_image,batch_size", CASES)
-def test_greedy_matches_plain_generate(targets, monkeypatch, family, with_image, batch_size, draft_kind):
+def test_greedy_matches_plain_generate(targets, family, with_image, batch_size, draft_kind):
     target, draft = targets(family)
     inputs = make_inputs(family, target, with_image=with_image, batch_size=batch_size)
     reference = target.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
-    if draft_kind == "oracle":
-        use_oracle(monkeypatch, _unpadded_rows(inputs, reference))
+    replay = oracle(_unpadded_rows(inputs, reference)) if draft_kind == "oracle" else {}
     out = target.generate(
-        **inputs, max_new_tokens=MAX_NEW, do_sample=False, assistant_model=draft, return_dict_in_generate=True
+        **inputs, max_new_tokens=MAX_NEW, do_sample=False, assistant_model=draft, return_dict_in_generate=True,
+        **replay,
     )
     assert out.sequences.tolist() == reference.tolist()
     stats = out.speculation
@@ -99,8 +99,8 @@ def test_verification_head_modes_match_plain_generate(targets, monkeypatch, fami
     target, draft = targets(family)
     inputs = make_inputs(family, target, with_image=family in MULTIMODAL_FAMILIES)
     reference = target.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
-    use_oracle(monkeypatch, _unpadded_rows(inputs, reference))
-    out = target.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, assistant_model=draft)
+    out = target.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, assistant_model=draft,
+                          **oracle(_unpadded_rows(inputs, reference)))
     assert out.tolist() == reference.tolist()
 
 

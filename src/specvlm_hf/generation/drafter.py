@@ -23,6 +23,7 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from ..models.compressor_metrics import choice_histogram
+from .drafters import DrafterStats
 from .tree import DraftTree, select_nodes
 
 
@@ -64,10 +65,7 @@ class EagleTreeDrafter:
         self.cache = DynamicCache()
         self.next_position = 0  # draft position of the next pair (token index of its feature)
         self.last_hidden: torch.Tensor | None = None  # (1, hidden): predicted feature of the root
-        self.forwards = 0
-        self.prefill_tokens = 0  # entries the prefill wrote to the draft cache
-        self.compressor_choices: dict[str, int] = {}  # primitive chosen by the compressor, when it ran
-        self.prefill_seconds = 0.0
+        self.stats = DrafterStats()
         param = next(draft.parameters())
         self.device, self.dtype = param.device, param.dtype
 
@@ -130,11 +128,12 @@ class EagleTreeDrafter:
                 out = self.draft(**call, visual_mask=visual_mask.to(self.device), grid_sizes=[grid_sizes])
             finally:
                 compressor.train(training)
-            self.compressor_choices = choice_histogram(out.compressor_output.choice, compressor.config)
-        self.forwards += 1
+            self.stats.compressor_choices = choice_histogram(out.compressor_output.choice, compressor.config)
+        self.stats.forwards += 1
         _synchronize(self.device)
-        self.prefill_seconds = time.perf_counter() - started
-        self.prefill_tokens = self.cache.get_seq_length()
+        self.stats.prefill_seconds = time.perf_counter() - started
+        self.stats.seconds += self.stats.prefill_seconds
+        self.stats.prefill_tokens = self.cache.get_seq_length()
         self.next_position = start_position + length
         self.last_hidden = out.last_hidden_state[:, -1]
 
@@ -148,6 +147,7 @@ class EagleTreeDrafter:
             next_tokens (`torch.LongTensor` of shape `(k,)`): the tokens that follow each of them (accepted tokens
                 then the bonus token).
         """
+        started = time.perf_counter()
         k = next_tokens.numel()
         positions = torch.arange(self.next_position, self.next_position + k, device=self.device)[None]
         out = self.draft(
@@ -157,7 +157,9 @@ class EagleTreeDrafter:
             past_key_values=self.cache,
             use_cache=True,
         )
-        self.forwards += 1
+        self.stats.forwards += 1
+        _synchronize(self.device)
+        self.stats.seconds += time.perf_counter() - started
         self.next_position += k
         self.last_hidden = out.last_hidden_state[:, -1]
 
@@ -170,42 +172,42 @@ class EagleTreeDrafter:
         top_k, depth, budget = self.knobs.top_k, self.knobs.depth, self.knobs.total_tokens
         ctx_len = self.cache.get_seq_length()
         neg = torch.finfo(self.dtype).min
+        device = self.device
 
+        started = time.perf_counter()
         logp = self._logprobs(self.last_hidden)[0]  # (V',)
+        self.stats.seconds += time.perf_counter() - started
         k0 = min(top_k, logp.numel())
         top = torch.topk(logp, k0)
         rec_tokens = [self.draft.draft_to_target(top.indices)]
         rec_scores = [top.values]
-        rec_parents = [torch.full((k0,), -1, dtype=torch.long)]
+        rec_parents = [torch.full((k0,), -1, dtype=torch.long, device=device)]
         n_rec = k0
-        frontier = torch.arange(k0)  # record indices of the frontier
+        frontier = torch.arange(k0, device=device)  # record indices of the frontier
+        frontier_parents = rec_parents[0]
         frontier_scores = top.values
         frontier_feed = self.last_hidden.expand(k0, -1)  # feature fed with each frontier token (its parent's output)
         frontier_tokens = rec_tokens[0]
-        scratch_anc = torch.zeros((0, 0), dtype=torch.bool)  # ancestry among fed scratch nodes
-        rec_to_scratch: dict[int, int] = {}
-        parent_list = rec_parents[0].tolist()
+        # ancestry among the scratch (already fed) nodes, and each record's scratch row (-1: never fed)
+        max_fed = top_k * max(depth - 1, 0)
+        scratch_anc = torch.zeros((max_fed, max_fed), dtype=torch.bool, device=device)
+        scratch_of = torch.full((k0 + (depth - 1) * top_k * top_k,), -1, dtype=torch.long, device=device)
+        n_fed = 0
 
         for step in range(1, depth):
             n_front = frontier.numel()
-            n_fed = scratch_anc.shape[0]
-            # ancestry rows of the new frontier nodes: their parent's row plus themselves
-            rows = torch.zeros((n_front, n_fed + n_front), dtype=torch.bool)
-            for j, rec in enumerate(frontier.tolist()):
-                par = parent_list[rec]
-                if par >= 0:
-                    rows[j, :n_fed] = scratch_anc[rec_to_scratch[par]]
-                rows[j, n_fed + j] = True
-                rec_to_scratch[rec] = n_fed + j
-            grown = torch.zeros((n_fed + n_front, n_fed + n_front), dtype=torch.bool)
-            grown[:n_fed, :n_fed] = scratch_anc
-            grown[n_fed:] = rows
-            scratch_anc = grown
+            new = torch.arange(n_fed, n_fed + n_front, device=device)
+            # a frontier node's ancestry row = its parent's row (the parent was fed one step earlier) plus itself
+            if step > 1:
+                scratch_anc[new, :n_fed] = scratch_anc[scratch_of[frontier_parents], :n_fed]
+            scratch_anc[new, new] = True
+            scratch_of[frontier] = new
+            n_fed += n_front
 
-            allowed = torch.cat([torch.ones((n_front, ctx_len), dtype=torch.bool), rows], dim=1)
-            mask = torch.zeros((1, 1, n_front, ctx_len + n_fed + n_front), dtype=self.dtype, device=self.device)
-            mask = mask.masked_fill(~allowed.to(self.device)[None, None], neg)
-            positions = torch.full((1, n_front), self.next_position + step - 1, dtype=torch.long, device=self.device)
+            mask = torch.zeros((1, 1, n_front, ctx_len + n_fed), dtype=self.dtype, device=device)
+            mask[0, 0, :, ctx_len:] = torch.where(scratch_anc[new, :n_fed], 0.0, neg)
+            positions = torch.full((1, n_front), self.next_position + step - 1, dtype=torch.long, device=device)
+            started = time.perf_counter()
             out = self.draft(
                 inputs_embeds=self._embed(frontier_tokens.view(1, -1)),
                 target_hidden_states=frontier_feed[None],
@@ -214,9 +216,11 @@ class EagleTreeDrafter:
                 past_key_values=self.cache,
                 use_cache=True,
             )
-            self.forwards += 1
             hidden = out.last_hidden_state[0]  # (n_front, H)
             child_logp = self._logprobs(hidden)  # (n_front, V')
+            _synchronize(device)
+            self.stats.seconds += time.perf_counter() - started
+            self.stats.forwards += 1
             kc = min(top_k, child_logp.shape[-1])
             child = torch.topk(child_logp, kc, dim=-1)
             cand_scores = (frontier_scores[:, None] + child.values).flatten()  # (n_front * kc,)
@@ -225,23 +229,22 @@ class EagleTreeDrafter:
             rec_tokens.append(cand_tokens)
             rec_scores.append(cand_scores)
             rec_parents.append(cand_parents)
-            parent_list.extend(cand_parents.tolist())
             if step == depth - 1:
                 break
             best = torch.topk(cand_scores, min(top_k, cand_scores.numel())).indices
             frontier = n_rec + best
+            frontier_parents = cand_parents[best]
             frontier_scores = cand_scores[best]
             frontier_tokens = cand_tokens[best]
             frontier_feed = hidden[best // kc]
             n_rec += cand_scores.numel()
 
-        n_scratch = scratch_anc.shape[0]
-        if n_scratch:
-            self.cache.crop(-n_scratch)
+        if n_fed:
+            self.cache.crop(-n_fed)
 
         tokens = torch.cat(rec_tokens).cpu()
-        scores = torch.cat(rec_scores).cpu()
-        parents = torch.cat(rec_parents)
+        scores = torch.cat(rec_scores).float().cpu()
+        parents = torch.cat(rec_parents).cpu()
         keep = select_nodes(scores, parents, budget)
         slot_of = torch.full((tokens.numel(),), -1, dtype=torch.long)
         slot_of[keep] = torch.arange(1, keep.numel() + 1)

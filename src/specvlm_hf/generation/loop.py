@@ -19,8 +19,9 @@ height/width positions of Qwen images) so that the draft's prefill is compressed
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -29,7 +30,8 @@ from transformers.utils import logging
 
 from .acceptance import sample_token, walk_tree
 from .cache_utils import check_cache_supported, compact, select_row, tree_attention_mask
-from .drafter import EagleTreeDrafter, TreeKnobs
+from .drafter import TreeKnobs
+from .drafters import DrafterContext, EagleDrafterFactory
 from .exact_attention import PLAN_KWARG, RowwisePlan, exact_attention_selected, probe_exact_verification
 from .route import GENERATE_KNOBS
 from .stats import SpeculationStats
@@ -59,6 +61,12 @@ class SpecVLMGenerateOutput(GenerateDecoderOnlyOutput):
     """
 
     speculation: SpeculationStats | None = None
+
+
+def _synchronize(device: torch.device) -> None:
+    """Waits for the device (timing on CUDA); a no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _tree_knobs(draft: Any, generation_config: "GenerationConfig") -> TreeKnobs:
@@ -259,6 +267,7 @@ class _RowDecoder:
             exact_kwargs = (
                 {PLAN_KWARG: RowwisePlan.from_masks(mask, padding, self.padded_batch)} if self.exact else {}
             )
+            verify_started = time.perf_counter()
             out = self.target(
                 input_ids=block,
                 attention_mask=mask,
@@ -270,6 +279,8 @@ class _RowDecoder:
                 return_dict=True,
                 **exact_kwargs,
             )
+            _synchronize(device)
+            self.stats.target_seconds += time.perf_counter() - verify_started
             logits = _SlotLogits(out.logits[0], out.hidden_states[self.final_layer][0], self.head, self.lazy_head)
             children = children_table(tree)
             if fast_greedy:
@@ -370,7 +381,10 @@ def _use_exact_verification(target: "PreTrainedModel", generation_config: "Gener
 
 def _decode(target, draft, input_ids, logits_processor, stopping_criteria, generation_config, streamer, exact,
             model_kwargs):
+    started = time.perf_counter()
     knobs = _tree_knobs(draft, generation_config)
+    factory = getattr(generation_config, "tree_drafter", None) or EagleDrafterFactory()
+    vocab_size = target.get_output_embeddings().weight.shape[0]
     cache = model_kwargs.get("past_key_values")
     check_cache_supported(cache)
     cache.activate_past_recording()
@@ -399,7 +413,10 @@ def _decode(target, draft, input_ids, logits_processor, stopping_criteria, gener
         input_ids, next_sequence_length=new_length if past_length else None, is_first_iteration=True, **model_kwargs
     )
     model_inputs["output_hidden_states"] = sorted(set(layer_ids) | {final_layer})
+    prefill_started = time.perf_counter()
     outputs = target(**model_inputs, return_dict=True)
+    _synchronize(input_ids.device)
+    prefill_seconds = time.perf_counter() - prefill_started
     hidden_states = outputs.hidden_states
     embeddings = hidden_states[0]
     features = draft.select_features(hidden_states)
@@ -428,7 +445,8 @@ def _decode(target, draft, input_ids, logits_processor, stopping_criteria, gener
         paired_positions = [position_ids[-3:, r, starts[r] + 1 :] for r in range(batch_size)] if mrope_axes else None
         grids = image_grids(target.config.model_type, paired_rows, visual_ids, paired_positions)
 
-    stats = SpeculationStats(exact_verification=exact)
+    stats = SpeculationStats(exact_verification=exact, target_seconds=prefill_seconds,
+                             target_prefill_seconds=prefill_seconds)
     rows: list[torch.Tensor] = []
     row_decoders: list[_RowDecoder] = []
     for r in range(batch_size):
@@ -441,7 +459,9 @@ def _decode(target, draft, input_ids, logits_processor, stopping_criteria, gener
             next_position = int(position_ids[-3:, r, -1].max()) + 1
         else:
             next_position = int(position_ids[r, -1]) + 1
-        drafter = EagleTreeDrafter(draft, embed_tokens, lm_head, knobs)
+        context = DrafterContext(draft=draft, embed_tokens=embed_tokens, lm_head=lm_head, knobs=knobs, row=r,
+                                 prompt_ids=input_ids[r, n_pad:], vocab_size=vocab_size)
+        drafter = factory(context)
         row_stats = SpeculationStats(prefill_tokens=prompt_len - starts[r])
         decoder = _RowDecoder(target, draft, drafter, row_cache, n_pad, next_position, mrope_axes, layer_ids, head,
                               logits_processor, stopping_criteria, generation_config, streamer, row_stats, exact,
@@ -455,15 +475,17 @@ def _decode(target, draft, input_ids, logits_processor, stopping_criteria, gener
             drafter.prefill(row_embeds, features[r : r + 1, offset:], visual_mask, grids[r] if grids else None,
                             start_position=starts[r] - n_pad)
             ids = decoder.run(ids)
-        row_stats.draft_forwards = drafter.forwards
-        row_stats.draft_prefill_tokens = drafter.prefill_tokens
-        row_stats.draft_prefill_seconds = drafter.prefill_seconds
-        row_stats.compressor_choices = drafter.compressor_choices
+        row_stats.draft_forwards = drafter.stats.forwards
+        row_stats.draft_prefill_tokens = drafter.stats.prefill_tokens
+        row_stats.draft_prefill_seconds = drafter.stats.prefill_seconds
+        row_stats.draft_seconds = drafter.stats.seconds
+        row_stats.compressor_choices = drafter.stats.compressor_choices
         stats = stats.merge(row_stats)
         rows.append(ids)
         row_decoders.append(decoder)
     if streamer is not None:
         streamer.end()
+    stats.total_seconds = time.perf_counter() - started
 
     width = max(row.shape[1] for row in rows)
     pad_id = generation_config._pad_token_tensor

@@ -34,6 +34,7 @@ class SpeculationStats:
         draft_prefill_seconds (`float`): wall time of the draft's prefill (compressor included; the device is
             synchronised around it on CUDA).
         target_seconds (`float`): wall time inside the target's forwards (prefill + every verification forward).
+        target_prefill_seconds (`float`): the part of `target_seconds` spent in the prefill.
         draft_seconds (`float`): wall time inside the draft's forwards (prefill, catch-up and tree expansion, its
             LM head included).
         total_seconds (`float`): wall time of the whole decoding call; `total - target - draft` is the loop's own
@@ -55,6 +56,7 @@ class SpeculationStats:
     compressor_choices: dict[str, int] = field(default_factory=dict)
     draft_prefill_seconds: float = 0.0
     target_seconds: float = 0.0
+    target_prefill_seconds: float = 0.0
     draft_seconds: float = 0.0
     total_seconds: float = 0.0
     exact_verification: bool = False
@@ -76,9 +78,10 @@ class SpeculationStats:
         out = SpeculationStats(**asdict(self))
         for name in ("target_forwards", "draft_forwards", "tokens_emitted", "accepted_draft_tokens", "drafted_tokens",
                      "prefill_tokens", "draft_prefill_tokens", "draft_prefill_seconds", "target_seconds",
-                     "draft_seconds", "total_seconds"):
+                     "target_prefill_seconds", "draft_seconds"):
             setattr(out, name, getattr(self, name) + getattr(other, name))
         out.exact_verification = self.exact_verification or other.exact_verification
+        out.total_seconds = max(self.total_seconds, other.total_seconds)  # one call's wall time, not a per-row sum
         out.accepted_per_cycle = self.accepted_per_cycle + other.accepted_per_cycle
         depth = max(len(self.depth_reached), len(other.depth_reached))
         out.depth_reached = [

@@ -104,12 +104,16 @@ def select_nodes(scores: torch.Tensor, parents: torch.Tensor, budget: int) -> to
     k = min(budget, c)
     chosen = torch.zeros(c, dtype=torch.bool)
     chosen[torch.topk(scores, k, sorted=False).indices] = True
-    chosen_list = chosen.tolist()
-    parent_list = parents.tolist()
-    keep = [False] * c
-    for i in range(c):  # creation order: a parent's verdict is known before its children's
-        keep[i] = chosen_list[i] and (parent_list[i] < 0 or keep[parent_list[i]])
-    return torch.nonzero(torch.tensor(keep), as_tuple=False).flatten()
+    # closure under parents, one vectorised pass per tree level: a node survives while all its ancestors are chosen
+    keep = chosen.clone()
+    has_parent = parents >= 0
+    parent_index = parents.clamp(min=0)
+    while True:
+        updated = chosen & (~has_parent | keep[parent_index])
+        if torch.equal(updated, keep):
+            break
+        keep = updated
+    return torch.nonzero(keep, as_tuple=False).flatten()
 
 
 def children_table(tree: DraftTree) -> list[dict[int, int]]:

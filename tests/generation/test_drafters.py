@@ -1,0 +1,117 @@
+"""The drafter protocol, the replay diagnostic and the time accounting of `out.speculation`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specvlm_hf import SpecVLMDraftModel
+from specvlm_hf.generation.drafter import EagleTreeDrafter, TreeKnobs
+from specvlm_hf.generation.drafters import (
+    DrafterContext,
+    DrafterStats,
+    EagleDrafterFactory,
+    ReplayDrafter,
+    ReplayDrafterFactory,
+    TreeDrafter,
+)
+from specvlm_hf.generation.tree import DraftTree
+from specvlm_hf.testing.tiny_models import build_tiny_target, make_inputs
+
+
+@pytest.fixture(scope="module")
+def llava():
+    target = build_tiny_target("llava")
+    torch.manual_seed(1)
+    return target, SpecVLMDraftModel.from_target(target)
+
+
+def test_replay_proposes_the_reference_chain_with_a_decoy_per_depth():
+    drafter = ReplayDrafter(reference=[5, 6, 7, 8, 9, 10, 11], depth=3, vocab_size=96)
+    drafter.prefill(torch.zeros(1, 3, 4), torch.zeros(1, 3, 4))  # root = token 3 (value 8)
+    tree = drafter.propose()
+    assert tree.tokens.tolist() == [9, 10, 10, 11, 11, 12]
+    assert tree.parents.tolist() == [0, 0, 1, 1, 3, 3]
+    assert tree.depths.tolist() == [0, 1, 1, 2, 2, 3, 3]
+    drafter.extend(torch.zeros(1, 2, 4), torch.tensor([9, 10]))
+    assert drafter.propose().tokens.tolist()[:1] == [11]
+    assert isinstance(drafter, TreeDrafter)
+
+
+def test_default_factory_builds_the_eagle_drafter(llava):
+    target, draft = llava
+    context = DrafterContext(draft=draft, embed_tokens=target.get_input_embeddings(),
+                             lm_head=target.get_output_embeddings(), knobs=TreeKnobs(4, 3, 8), row=0,
+                             prompt_ids=torch.tensor([1, 2, 3]), vocab_size=96)
+    drafter = EagleDrafterFactory()(context)
+    assert isinstance(drafter, EagleTreeDrafter) and isinstance(drafter, TreeDrafter)
+
+
+class _FixedChain:
+    """A user drafter: proposes the same two tokens every cycle (the protocol needs nothing else)."""
+
+    def __init__(self):
+        self.stats = DrafterStats()
+        self.proposals = 0
+
+    def prefill(self, inputs_embeds, features, visual_mask=None, grid_sizes=None, start_position=0):
+        pass
+
+    def extend(self, features, next_tokens):
+        pass
+
+    def propose(self) -> DraftTree:
+        self.proposals += 1
+        return DraftTree.from_parents(torch.tensor([5, 6]), torch.tensor([0, 1]))
+
+
+def test_a_user_drafter_through_generate(llava):
+    target, draft = llava
+    inputs = make_inputs("llava", target, with_image=True, batch_size=2)
+    made: list[_FixedChain] = []
+
+    def factory(context: DrafterContext) -> _FixedChain:
+        made.append(_FixedChain())
+        return made[-1]
+
+    plain = target.generate(**inputs, max_new_tokens=12, do_sample=False)
+    spec = target.generate(**inputs, max_new_tokens=12, do_sample=False, assistant_model=draft, tree_drafter=factory)
+    assert spec.tolist() == plain.tolist()
+    assert len(made) == 2 and all(d.proposals > 0 for d in made)
+
+
+@pytest.mark.parametrize("depth", [2, 4, 6])
+def test_replay_oracle_accepts_its_whole_chain(llava, depth):
+    target, draft = llava
+    inputs = make_inputs("llava", target, with_image=True)
+    plain = target.generate(**inputs, max_new_tokens=30, do_sample=False)
+    out = target.generate(**inputs, max_new_tokens=30, do_sample=False, assistant_model=draft, tree_depth=depth,
+                          tree_drafter=ReplayDrafterFactory([plain[0].tolist()]), return_dict_in_generate=True)
+    assert out.sequences.tolist() == plain.tolist()
+    stats = out.speculation
+    full_cycles = stats.accepted_per_cycle[:-1]  # the last cycle may be cut by max_new_tokens
+    assert all(n == depth + 1 for n in full_cycles)
+    assert stats.draft_forwards == 0 and stats.draft_seconds == 0.0
+
+
+def test_time_accounting(llava):
+    target, draft = llava
+    inputs = make_inputs("llava", target, with_image=True)
+    out = target.generate(**inputs, max_new_tokens=16, do_sample=False, assistant_model=draft,
+                          return_dict_in_generate=True)
+    stats = out.speculation
+    assert 0 < stats.target_prefill_seconds < stats.target_seconds < stats.total_seconds
+    assert 0 < stats.draft_seconds < stats.total_seconds
+    assert stats.draft_prefill_seconds <= stats.draft_seconds
+    fractions = stats.time_fractions
+    assert set(fractions) == {"target_forward", "draft", "loop"}
+    assert abs(sum(fractions.values()) - 1.0) < 1e-9 and all(v >= 0 for v in fractions.values())
+    assert stats.to_dict()["time_fractions"] == fractions
+
+
+def test_replay_factory_refuses_a_missing_row(llava):
+    target, draft = llava
+    inputs = make_inputs("llava", target, with_image=True, batch_size=2)
+    with pytest.raises(ValueError, match="references"):
+        target.generate(**inputs, max_new_tokens=4, do_sample=False, assistant_model=draft,
+                        tree_drafter=ReplayDrafterFactory([[1, 2, 3]]))
