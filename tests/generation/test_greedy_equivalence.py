@@ -89,13 +89,14 @@ def test_tree_knobs_per_call_override_config(targets):
     assert draft.config.tree_total_tokens != 5  # the draft's own config is untouched
 
 
-@pytest.mark.parametrize("lazy_head", [True, False], ids=["lazy-head", "eager-head"])
+@pytest.mark.parametrize("head_mode", ["row", "block", "model"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_verification_head_modes_match_plain_generate(targets, monkeypatch, family, lazy_head):
-    """Both ways of computing verification logits (lazily along the walk on CPU, all slots at once on accelerators)."""
+def test_verification_head_modes_match_plain_generate(targets, monkeypatch, family, head_mode):
+    """Every way of computing verification logits: one row per walked slot or every slot in one head call (CPU), or
+    inside the model's forward (accelerators, or where the head cannot be reproduced)."""
     from specvlm_hf.generation import loop
 
-    monkeypatch.setattr(loop, "LAZY_HEAD_DEVICES", ("cpu",) if lazy_head else ())
+    monkeypatch.setattr(loop, "head_mode_for", lambda head, dtype: head_mode if head is not None else "model")
     target, draft = targets(family)
     inputs = make_inputs(family, target, with_image=family in MULTIMODAL_FAMILIES)
     reference = target.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
@@ -117,11 +118,12 @@ def test_lazy_head_reproduces_the_models_own_logits():
     final = out.hidden_states[text.num_hidden_layers]
     head = find_logits_head(target, final[:, -1:], out.logits[:, -1])
     assert head is target.get_output_embeddings()
-    lazy = _SlotLogits(out.logits[0, :1], final[0], head, lazy=True)
-    eager = _SlotLogits(out.logits[0], final[0], None, lazy=False)
-    for slot in (0, 3, inputs["input_ids"].shape[1] - 1):
-        torch.testing.assert_close(lazy[slot], out.logits[0, slot : slot + 1].float(), rtol=1e-5, atol=1e-5)
-        assert lazy.argmax(slot) == eager.argmax(slot)
+    eager = _SlotLogits(out.logits[0], final[0], None, "model")
+    for mode in ("row", "block"):
+        lazy = _SlotLogits(out.logits[0, :1], final[0], head, mode)
+        for slot in (0, 3, inputs["input_ids"].shape[1] - 1):
+            torch.testing.assert_close(lazy[slot], out.logits[0, slot : slot + 1].float(), rtol=1e-5, atol=1e-5)
+            assert lazy.argmax(slot) == eager.argmax(slot)
 
     capped = torch.tanh(out.logits / 0.5) * 0.5  # what a model that applies the cap returns
     capped_head = find_logits_head(target, final[:, -1:], capped[:, -1])

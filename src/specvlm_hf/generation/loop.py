@@ -170,33 +170,62 @@ def find_logits_head(
     return None
 
 
+#: How verification logits are computed from the final hidden states (see [`_SlotLogits`]).
+HEAD_MODES = ("model", "row", "block")
+
+
+def head_mode_for(head: Callable | None, dtype: torch.dtype) -> str:
+    """
+    `"model"` where the lazily applied head is unavailable (every slot's logits come from the forward), else `"row"`
+    in float32 (each walked slot through a one-row head call, the arithmetic of plain decoding's one-row head: fp32
+    GEMMs are not row-invariant on CPUs) and `"block"` in reduced precision (all slots in one call at the first
+    read: on CPUs with bf16 matrix units the head costs the same for 1 and 25 rows, and bf16 GEMMs are row-invariant,
+    which the exactness probe checks).
+    """
+    if head is None:
+        return "model"
+    return "row" if dtype == torch.float32 else "block"
+
+
 class _SlotLogits:
     """
     Verification logits of the block's slots (root + tree nodes), float32, `(1, vocab)` per slot.
 
-    Eager: the target's forward computed every slot. Lazy (CPU): the forward computed only the root's logits
-    (`logits_to_keep=[0]`) and a slot's logits are computed from the final hidden state when the walk first reads it,
-    so the LM head (a large share of a small model's verification cost on a CPU, where it grows linearly with the
-    number of rows) runs only along the accepted path, through `head` (see [`find_logits_head`], which checks that it
-    reproduces the model's own logits).
+    Modes (see [`head_mode_for`]): `"model"`: the target's forward computed every slot. `"row"` / `"block"` (CPU): the
+    forward computed only the root's logits (`logits_to_keep=[0]`) and the others come from the final hidden states
+    through `head` (see [`find_logits_head`], which checks that it reproduces the model's own logits), one row per
+    slot the walk reads, or every slot in one call at the first read. `seconds` is the time spent in `head`.
     """
 
-    def __init__(self, logits: torch.Tensor, final_hidden: torch.Tensor, head: Callable | None, lazy: bool):
-        self.lazy, self.head, self.final_hidden = lazy, head, final_hidden
-        self.rows: dict[int, torch.Tensor] = {0: logits[:1].float()} if lazy else {}
-        self.all = None if lazy else logits.float()
+    def __init__(self, logits: torch.Tensor, final_hidden: torch.Tensor, head: Callable | None, mode: str):
+        if mode not in HEAD_MODES:
+            raise ValueError(f"head mode {mode!r} is not one of {HEAD_MODES}")
+        self.mode, self.head, self.final_hidden = mode, head, final_hidden
+        self.rows: dict[int, torch.Tensor] = {0: logits[:1].float()} if mode != "model" else {}
+        self.all = logits.float() if mode == "model" else None
         self.argmaxes: list[int] | None = None
+        self.seconds = 0.0
 
-    def __getitem__(self, slot: int) -> torch.Tensor:
-        if not self.lazy:
-            return self.all[slot : slot + 1]
-        row = self.rows.get(slot)
-        if row is None:
+    def _compute(self, slot: int) -> torch.Tensor:
+        started = time.perf_counter()
+        if self.mode == "row":
             row = self.rows[slot] = self.head(self.final_hidden[slot : slot + 1]).float()
+        else:  # block: every non-root slot at once
+            block = self.head(self.final_hidden[1:]).float()
+            for i in range(block.shape[0]):
+                self.rows[i + 1] = block[i : i + 1]
+            row = self.rows[slot]
+        self.seconds += time.perf_counter() - started
         return row
 
+    def __getitem__(self, slot: int) -> torch.Tensor:
+        if self.mode == "model":
+            return self.all[slot : slot + 1]
+        row = self.rows.get(slot)
+        return row if row is not None else self._compute(slot)
+
     def argmax(self, slot: int) -> int:
-        if self.lazy:
+        if self.mode != "model":
             return int(self[slot].argmax(dim=-1).item())
         if self.argmaxes is None:
             self.argmaxes = self.all.argmax(dim=-1).tolist()  # one host sync for every slot
@@ -216,7 +245,7 @@ class _RowDecoder:
         self.final_layer = text_config.num_hidden_layers  # hidden_states[L] is the final-normed state fed to the head
         self.verify_layer_ids = sorted(set(layer_ids) | {self.final_layer})
         self.head = head
-        self.lazy_head = head is not None
+        self.head_mode = head_mode_for(head, target.get_output_embeddings().weight.dtype)
         self.root_only = torch.tensor([0], device=target.get_output_embeddings().weight.device)
         self.logits_processor, self.stopping_criteria = logits_processor, stopping_criteria
         self.do_sample = bool(generation_config.do_sample)
@@ -275,13 +304,13 @@ class _RowDecoder:
                 past_key_values=self.cache,
                 use_cache=True,
                 output_hidden_states=self.verify_layer_ids,
-                logits_to_keep=self.root_only if self.lazy_head else 0,
+                logits_to_keep=self.root_only if self.head_mode != "model" else 0,
                 return_dict=True,
                 **exact_kwargs,
             )
             _synchronize(device)
             self.stats.target_seconds += time.perf_counter() - verify_started
-            logits = _SlotLogits(out.logits[0], out.hidden_states[self.final_layer][0], self.head, self.lazy_head)
+            logits = _SlotLogits(out.logits[0], out.hidden_states[self.final_layer][0], self.head, self.head_mode)
             children = children_table(tree)
             if fast_greedy:
                 choose = lambda slot, emitted: logits.argmax(slot)  # noqa: E731
@@ -297,6 +326,7 @@ class _RowDecoder:
                 return self._stops(state["ids"])
 
             path, emitted, stopped = walk_tree(children, choose, stop)
+            self.stats.target_seconds += logits.seconds  # the target's LM head, applied outside its forward
             ids = state["ids"]
             keep = path[: len(emitted)]
             compact(self.cache, n_block, keep)
