@@ -164,6 +164,13 @@ def exact_sdpa_attention(
     if layout is None:
         raise RuntimeError("exact verification attention got a mask it has no plan for")
     sliding_window = kwargs.get("sliding_window")
+    # plain decoding's own call for an unmasked one-token query (sdpa_attention_forward with attention_mask=None):
+    # made directly, without the wrapper's per-call checks, when nothing else (bias, softcap, dropout) is involved
+    direct = (kwargs.get("position_bias") is None and kwargs.get("softcap") is None and not kwargs.get("dropout")
+              and not kwargs.get("output_attentions"))
+    groups = getattr(module, "num_key_value_groups", 1)
+    gqa = {"enable_gqa": True} if groups > 1 else {}
+    scaling = kwargs.get("scaling")
     prefix = layout.prefix
     n = query.shape[2]
     saved_k, saved_v = key[:, :, prefix:].clone(), value[:, :, prefix:].clone()
@@ -175,6 +182,7 @@ def exact_sdpa_attention(
                 full_k = torch.cat([key[:, :, :prefix], saved_k], dim=2)
                 full_v = torch.cat([value[:, :, :prefix], saved_v], dim=2)
                 k_row, v_row = full_k[:, :, gather], full_v[:, :, gather]
+                row_mask = None
             else:
                 write = layout.writes[row]
                 if write is not None:
@@ -182,11 +190,16 @@ def exact_sdpa_attention(
                     end = prefix + first + source.numel()
                     key[:, :, prefix + first : end] = saved_k[:, :, source]
                     value[:, :, prefix + first : end] = saved_v[:, :, source]
-                stop = prefix + layout.lengths[row]
-                k_row, v_row = key[:, :, layout.starts[row] : stop], value[:, :, layout.starts[row] : stop]
-            row_mask = _row_mask(layout, row, k_row.shape[2], sliding_window, query) if gather is None else None
-            o, _ = sdpa_attention_forward(module, query[:, :, row : row + 1], k_row, v_row, row_mask, **kwargs)
-            out[:, row] = o[:, 0]
+                start, stop = layout.starts[row], prefix + layout.lengths[row]
+                k_row, v_row = key[:, :, start:stop], value[:, :, start:stop]
+                row_mask = _row_mask(layout, row, stop - start, sliding_window, query)
+            if row_mask is None and direct:
+                o = F.scaled_dot_product_attention(query[:, :, row : row + 1], k_row, v_row, attn_mask=None,
+                                                   dropout_p=0.0, scale=scaling, is_causal=False, **gqa)
+                out[0, row] = o[0, :, 0]
+            else:
+                o, _ = sdpa_attention_forward(module, query[:, :, row : row + 1], k_row, v_row, row_mask, **kwargs)
+                out[:, row] = o[:, 0]
     finally:
         key[:, :, prefix:] = saved_k
         value[:, :, prefix:] = saved_v
