@@ -75,7 +75,7 @@ def test_missing_or_unreadable_image(tmp_path, capsys, no_demo_run, monkeypatch)
 def test_missing_shipped_demo_photo(tmp_path, capsys, no_demo_run, monkeypatch):
     monkeypatch.setattr(demo, "missing_pocket_packages", lambda: [])
     monkeypatch.setattr(demo, "pocket_unavailable_reason", lambda: None)
-    monkeypatch.setattr("specvlm_hf.pocket.data.BENCH_DIR", tmp_path)
+    monkeypatch.setattr("specvlm_hf.bench.prompts.BENCH_DIR", tmp_path)
     line = _demo_error([], capsys)
     assert f"the demo photo {tmp_path / 'chelsea.png'} is missing" in line and "pass --image PATH" in line
 

@@ -86,7 +86,28 @@ class OneLineErrorParser(argparse.ArgumentParser):
     An `ArgumentParser` whose errors (unknown option, invalid choice, bad value) raise a
     [`~specvlm_hf.errors.UserValueError`] instead of printing the whole usage and exiting, so that the `specvlm`
     dispatcher prints one line (`specvlm <command>: error: ...`) and exits with status 2. `--help` is unchanged.
+
+    The flag convention of `specvlm` sub-commands: flags are documented in `--kebab-case`, and the `--snake_case`
+    spelling of each is accepted as an alias (`--max_new_tokens 32` = `--max-new-tokens 32`), as `specvlm train`
+    (transformers' `HfArgumentParser`, which registers both spellings) accepts either.
     """
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        return super().parse_known_args(self.kebab_case(sys.argv[1:] if args is None else args), namespace)
+
+    def kebab_case(self, args: list[str]) -> list[str]:
+        """`args` with every `--snake_case` flag (or `--snake_case=value`) that names a known `--kebab-case` option
+        rewritten to it; values and unknown flags are left as they are."""
+        known = {option for action in self._actions for option in action.option_strings}
+        rewritten = []
+        for arg in args:
+            name, sep, value = arg.partition("=")
+            if name.startswith("--") and "_" in name and name not in known:
+                kebab = "--" + name[2:].replace("_", "-")
+                if kebab in known:
+                    arg = kebab + sep + value
+            rewritten.append(arg)
+        return rewritten
 
     def error(self, message: str):  # type: ignore[override]
         raise UserValueError(f"{message} (see `{self.prog} --help`)")
@@ -208,7 +229,7 @@ def run_pocket(
 def _check_image(image: str | Path | None) -> Path:
     """The demo's image path, checked before any model loads (default: the shipped held-out demo photo)."""
     if image is None:
-        from .pocket.data import BENCH_DIR
+        from .bench.prompts import BENCH_DIR
         from .pocket.draft import DEMO_IMAGE
 
         path = BENCH_DIR / DEMO_IMAGE

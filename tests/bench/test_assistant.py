@@ -1,11 +1,11 @@
-"""The truncated-layer assistant (`specvlm_hf.pocket.assistant`) used by the `assisted` baseline."""
+"""The truncated-layer assistant (`specvlm_hf.bench.assistant`) used by the `assisted` baseline."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from specvlm_hf.pocket.assistant import (
+from specvlm_hf.bench.assistant import (
     build_truncated_assistant,
     choose_assistant_layers,
 )
@@ -60,7 +60,7 @@ def test_choose_assistant_layers_trades_agreement_for_cost():
 
 @pytest.mark.parametrize("blind", [True, False])
 def test_measure_truncation_agreement_on_a_tiny_llava(blind):
-    from specvlm_hf.pocket.assistant import measure_truncation_agreement
+    from specvlm_hf.bench.assistant import measure_truncation_agreement
     from specvlm_hf.testing.tiny_processors import build_tiny_processor
 
     target = build_tiny_target("llava")
@@ -73,3 +73,26 @@ def test_measure_truncation_agreement_on_a_tiny_llava(blind):
     if not blind:  # the full model teacher-forced on its own greedy output agrees with itself
         assert result["agreement"][2] == pytest.approx(1.0)
     assert result["choice"]["layers"] in (1, 2)
+
+
+def test_the_bench_does_not_depend_on_the_pocket_package_and_old_imports_still_work():
+    import ast
+    import pathlib
+
+    import specvlm_hf.bench as bench
+    from specvlm_hf.bench import assistant, prompts
+    from specvlm_hf.pocket import assistant as pocket_assistant
+    from specvlm_hf.pocket import data as pocket_data
+
+    # general bench features (default prompts, the truncated:K assistant) import nothing from specvlm_hf.pocket at
+    # module level; only the pocket VLM's own loading in cli.py does, lazily
+    for path in pathlib.Path(bench.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        top_level = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
+        assert not any("pocket" in (getattr(node, "module", None) or "") for node in top_level), path.name
+    assert prompts.DEFAULT_PROMPTS_PATH.is_file() and prompts.DEFAULT_PROMPTS_PATH.parent == prompts.BENCH_DIR
+    assert (pocket_data.BENCH_DIR, pocket_data.BENCH_PROMPTS_FILE) == (prompts.BENCH_DIR, prompts.BENCH_PROMPTS_FILE)
+    for name in ("build_truncated_assistant", "measure_truncation_agreement", "choose_assistant_layers",
+                 "calibration_images", "CALIBRATION_PROMPTS"):
+        assert getattr(pocket_assistant, name) is getattr(assistant, name)
+    assert pocket_assistant.POCKET_ASSISTANT_LAYERS == 2

@@ -229,3 +229,33 @@ def test_text_only_target(tmp_path):
             assert record["exact_match"] == 1.0
             if record["batch_size"] == 2:
                 assert "one after another" in record["note"]
+
+
+def test_flags_are_kebab_case_with_snake_case_aliases(tiny_bench_assets, tmp_path, capsys, no_model_load):
+    from specvlm_hf.bench.cli import make_parser
+    from specvlm_hf.demo import make_parser as demo_parser
+
+    kebab = make_parser().parse_args(["--cap-new-tokens", "8", "--max-prompts", "1", "--no-progress"])
+    snake = make_parser().parse_args(["--cap_new_tokens=8", "--max_prompts", "1", "--no_progress"])
+    assert vars(kebab) == vars(snake)
+    options = [o for action in make_parser()._actions for o in action.option_strings if o.startswith("--")]
+    assert all("_" not in option for option in options)  # documented (and --help) spelling: kebab-case only
+    assert demo_parser().parse_args(["--max_new_tokens", "3"]).max_new_tokens == 3
+    # an alias that names no option is still an unknown flag, reported as typed
+    assert "unrecognized arguments: --not_a_flag" in _user_error(
+        _args(tiny_bench_assets, tmp_path / "out", "--not_a_flag"), capsys)
+
+
+def test_train_and_pocket_flag_spellings():
+    """`specvlm train` (HfArgumentParser) accepts both spellings; `specvlm pocket` flags are kebab-case."""
+    from specvlm_hf.pocket.cli import make_parser as pocket_parser
+    from specvlm_hf.training.cli import make_parser as train_parser
+
+    parser = train_parser()
+    for argv in (["--output_dir", "o", "--max_steps", "4"], ["--output-dir", "o", "--max-steps", "4"]):
+        _, config = parser.parse_args_into_dataclasses(args=["--tiny", "llava", *argv])
+        assert config.output_dir == "o" and config.max_steps == 4
+    pocket = pocket_parser()
+    commands = next(a for a in pocket._actions if a.choices and "build" in a.choices).choices
+    for sub in commands.values():
+        assert all("_" not in o for a in sub._actions for o in a.option_strings), sub.prog

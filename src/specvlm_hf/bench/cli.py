@@ -9,6 +9,10 @@ specvlm bench --methods specvlm_tree specvlm_tree_compressor --compressor-draft 
 specvlm bench --out bench-results --resume              # after Ctrl-C: keep the finished records, run the rest
 ```
 
+Flags follow the convention of every `specvlm` sub-command: `--kebab-case`, with the `--snake_case` spelling accepted
+as an alias (`--cap_new_tokens 32`); `specvlm train` (transformers' `HfArgumentParser`) accepts both spellings of its
+flags too, and `specvlm pocket` flags are kebab-case.
+
 Every flag, the prompts file and `--out` are checked before any model loads; a mistake is reported as one line
 (`specvlm bench: error: ...`, exit status 2). `results.json` is rewritten atomically after every finished group of
 records (one batch size at one temperature) and `meta.json` is written first, so an interrupted run (Ctrl-C) leaves
@@ -18,9 +22,11 @@ overwritten: `--resume` keeps its records (identified by method, compressor vari
 record measures ([`RESUME_SETTINGS`]) are the same; the tree knobs of the earlier run are reused.
 
 Without `--target`/`--draft` it benchmarks the pocket VLM (`specvlm_hf.pocket.load_pocket_vlm`) with its shipped
-trained draft (`load_pocket_draft`) and, for `assisted`, the truncated-layer SmolLM2 of
-`specvlm_hf.pocket.assistant` (first `POCKET_ASSISTANT_LAYERS` layers of the VLM's own language model). The prompts
-default to the committed held-out benchmark prompts (`specvlm_hf/assets/bench/prompts.jsonl`).
+trained draft (`load_pocket_draft`) and, for `assisted`, the truncated-layer assistant of
+`specvlm_hf.bench.assistant` (`--assistant truncated:K`, here K = `specvlm_hf.pocket.assistant.POCKET_ASSISTANT_LAYERS`
+layers of the VLM's own language model). The prompts default to the committed held-out benchmark prompts
+(`specvlm_hf.bench.prompts.DEFAULT_PROMPTS_PATH`, `specvlm_hf/assets/bench/prompts.jsonl`); nothing but the pocket VLM
+itself needs `specvlm_hf.pocket`.
 
 The elastic-compressor ablation: `--compressor-draft` takes one or more `PATH` or `NAME=PATH` values (the name
 defaults to the folder name); each draft becomes a `specvlm_tree_compressor` record with `variant` = NAME (labelled
@@ -286,7 +292,7 @@ def load_assistant(spec: str, target: Any, dtype: torch.dtype, device: str) -> t
     """The `assisted` method's assistant from `--assistant` (`truncated:K` or a path / Hub id), with a description."""
     layers = _truncated_layers(spec)
     if layers is not None:
-        from ..pocket.assistant import build_truncated_assistant
+        from .assistant import build_truncated_assistant
 
         total = target.config.get_text_config().num_hidden_layers
         if layers >= total:
@@ -436,9 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.prompts is not None:
         prompts_file = args.prompts
     else:
-        from ..pocket.data import BENCH_DIR, BENCH_PROMPTS_FILE
+        from .prompts import DEFAULT_PROMPTS_PATH
 
-        prompts_file = BENCH_DIR / BENCH_PROMPTS_FILE
+        prompts_file = DEFAULT_PROMPTS_PATH
     prompts = load_prompts(prompts_file, default_max_new_tokens=args.max_new_tokens)
     if args.max_prompts:
         prompts = prompts[: args.max_prompts]

@@ -21,7 +21,13 @@ import torch
 
 from ..errors import UserFileNotFoundError, UserValueError
 
-__all__ = ["BenchPrompt", "load_prompts", "render_batch"]
+__all__ = ["BENCH_DIR", "BENCH_PROMPTS_FILE", "DEFAULT_PROMPTS_PATH", "BenchPrompt", "load_prompts", "render_batch"]
+
+#: The committed held-out benchmark assets (photos, `prompts.jsonl`, `LICENSES.md`), packaged with specvlm-hf.
+BENCH_DIR = Path(__file__).resolve().parent.parent / "assets" / "bench"
+BENCH_PROMPTS_FILE = "prompts.jsonl"
+#: `specvlm bench`'s default `--prompts`: the committed held-out benchmark prompts.
+DEFAULT_PROMPTS_PATH = BENCH_DIR / BENCH_PROMPTS_FILE
 
 _KEYS = {"images", "prompt", "max_new_tokens"}
 

@@ -30,10 +30,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ..bench.prompts import BENCH_DIR, BENCH_PROMPTS_FILE  # the bench owns its assets; kept importable from here
 from .build import IMAGE_SIZE, cache_root
 
-BENCH_DIR = Path(__file__).resolve().parent.parent / "assets" / "bench"
-BENCH_PROMPTS_FILE = "prompts.jsonl"
 EMOJI_PACKAGE = "emoji-datasource-google@16.0.0"
 EMOJI_TARBALL_SHA256 = "fb5fd131b362aab7a55542d2a147a79708cce0a8b1c1bbacd470172708b5c438"
 IMAGENET_NAMES_PACKAGE = "timm==1.0.31"
