@@ -22,9 +22,14 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
+from typing import TYPE_CHECKING
+
 from ..models.compressor_metrics import choice_histogram
 from .drafters import DrafterStats
 from .tree import DraftTree, select_nodes
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .adaptive import AdaptiveTreeSizer
 
 
 def _synchronize(device: torch.device) -> None:
@@ -54,11 +59,15 @@ class EagleTreeDrafter:
         draft (`SpecVLMDraftModel`): the draft.
         embed_tokens (`nn.Module`): the target's input embedding (`target.get_input_embeddings()`).
         lm_head (`nn.Module`): the target's LM head (`target.get_output_embeddings()`).
-        knobs (`TreeKnobs`): tree shape.
+        knobs (`TreeKnobs`): tree shape (the upper bounds when `sizer` is given).
+        sizer (`AdaptiveTreeSizer`, *optional*): chooses each tree's depth and node budget from measured costs.
     """
 
-    def __init__(self, draft: nn.Module, embed_tokens: nn.Module, lm_head: nn.Module, knobs: TreeKnobs):
+    def __init__(self, draft: nn.Module, embed_tokens: nn.Module, lm_head: nn.Module, knobs: TreeKnobs,
+                 sizer: "AdaptiveTreeSizer | None" = None):
         self.draft = draft
+        self.sizer = sizer  # adaptive tree size (adaptive.py); None: the knobs' fixed shape
+        self.last_step_seconds: float | None = None  # mean draft expansion step of the last propose()
         self.embed_tokens = embed_tokens
         self.lm_head = lm_head
         self.knobs = knobs
@@ -170,6 +179,9 @@ class EagleTreeDrafter:
         if self.last_hidden is None:
             raise RuntimeError("call prefill() before propose()")
         top_k, depth, budget = self.knobs.top_k, self.knobs.depth, self.knobs.total_tokens
+        if self.sizer is not None:
+            depth = self.sizer.depth
+        step_seconds = 0.0
         ctx_len = self.cache.get_seq_length()
         neg = torch.finfo(self.dtype).min
         device = self.device
@@ -219,7 +231,7 @@ class EagleTreeDrafter:
             hidden = out.last_hidden_state[0]  # (n_front, H)
             child_logp = self._logprobs(hidden)  # (n_front, V')
             _synchronize(device)
-            self.stats.seconds += time.perf_counter() - started
+            step_seconds += time.perf_counter() - started
             self.stats.forwards += 1
             kc = min(top_k, child_logp.shape[-1])
             child = torch.topk(child_logp, kc, dim=-1)
@@ -241,10 +253,14 @@ class EagleTreeDrafter:
 
         if n_fed:
             self.cache.crop(-n_fed)
+        self.stats.seconds += step_seconds
+        self.last_step_seconds = step_seconds / (depth - 1) if depth > 1 else None
 
         tokens = torch.cat(rec_tokens).cpu()
         scores = torch.cat(rec_scores).float().cpu()
         parents = torch.cat(rec_parents).cpu()
+        if self.sizer is not None:
+            budget = self.sizer.budget(scores)
         keep = select_nodes(scores, parents, budget)
         slot_of = torch.full((tokens.numel(),), -1, dtype=torch.long)
         slot_of[keep] = torch.arange(1, keep.numel() + 1)

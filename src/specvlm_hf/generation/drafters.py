@@ -87,6 +87,8 @@ class DrafterContext:
         row (`int`): batch row.
         prompt_ids (`torch.LongTensor` of shape `(L,)`): the row's prompt without padding.
         vocab_size (`int`): the target's vocabulary size.
+        sizer (`AdaptiveTreeSizer`, *optional*): the row's adaptive tree rule (`adaptive.py`), which the loop feeds
+            with every cycle's measurements; `None` when the tree is fixed (`tree_adaptive=False`).
     """
 
     draft: Any
@@ -96,6 +98,7 @@ class DrafterContext:
     row: int
     prompt_ids: torch.Tensor
     vocab_size: int
+    sizer: Any = None
 
 
 class DrafterFactory(Protocol):
@@ -110,7 +113,7 @@ class EagleDrafterFactory:
     def __call__(self, context: DrafterContext) -> TreeDrafter:
         from .drafter import EagleTreeDrafter
 
-        return EagleTreeDrafter(context.draft, context.embed_tokens, context.lm_head, context.knobs)
+        return EagleTreeDrafter(context.draft, context.embed_tokens, context.lm_head, context.knobs, context.sizer)
 
 
 class ReplayDrafter:

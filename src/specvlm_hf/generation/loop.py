@@ -31,6 +31,7 @@ from transformers.utils import logging
 from .acceptance import sample_token, walk_tree
 from .cache_utils import check_cache_supported, compact, select_row, tree_attention_mask
 from .drafter import TreeKnobs
+from .adaptive import AdaptiveTreeSizer
 from .drafters import DrafterContext, EagleDrafterFactory
 from .exact_attention import PLAN_KWARG, RowwisePlan, exact_attention_selected, probe_exact_verification
 from .route import GENERATE_KNOBS
@@ -67,6 +68,14 @@ def _synchronize(device: torch.device) -> None:
     """Waits for the device (timing on CUDA); a no-op on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _adaptive_tree(draft: Any, generation_config: "GenerationConfig") -> bool:
+    """`tree_adaptive` of the call, else of the draft config, else True (see `adaptive.py`)."""
+    requested = getattr(generation_config, "tree_adaptive", None)
+    if requested is None:
+        requested = getattr(draft.config, "tree_adaptive", True)
+    return bool(requested)
 
 
 def _tree_knobs(draft: Any, generation_config: "GenerationConfig") -> TreeKnobs:
@@ -237,7 +246,7 @@ class _RowDecoder:
 
     def __init__(self, target, draft, drafter, cache, n_pad, next_position, mrope_axes, layer_ids, head,
                  logits_processor, stopping_criteria, generation_config, streamer, stats, exact=False,
-                 padded_batch=False):
+                 padded_batch=False, sizer=None):
         self.target, self.draft, self.drafter, self.cache = target, draft, drafter, cache
         self.n_pad, self.next_position, self.mrope_axes = n_pad, next_position, mrope_axes
         self.layer_ids = layer_ids
@@ -255,6 +264,7 @@ class _RowDecoder:
         self.streamer, self.stats = streamer, stats
         self.exact = exact  # verification attention reproduces one-token decoding row by row (exact_attention.py)
         self.padded_batch = padded_batch  # the call's batch had left padding (plain decoding then masks every row)
+        self.sizer = sizer  # adaptive tree rule fed with every cycle's measurements (adaptive.py)
         self.scores: list[torch.Tensor] = []
         self.raw_logits: list[torch.Tensor] = []
 
@@ -286,6 +296,7 @@ class _RowDecoder:
         dtype = self.target.dtype
         fast_greedy = not self.do_sample and len(self.logits_processor) == 0 and not (self.keep_scores or self.keep_logits)
         while True:
+            cycle_started = time.perf_counter()
             tree = self.drafter.propose()
             n_block = tree.num_nodes + 1
             block = torch.cat([ids[0, -1:].cpu(), tree.tokens]).view(1, -1).to(ids.device)
@@ -309,7 +320,8 @@ class _RowDecoder:
                 **exact_kwargs,
             )
             _synchronize(device)
-            self.stats.target_seconds += time.perf_counter() - verify_started
+            verify_seconds = time.perf_counter() - verify_started
+            self.stats.target_seconds += verify_seconds
             logits = _SlotLogits(out.logits[0], out.hidden_states[self.final_layer][0], self.head, self.head_mode)
             children = children_table(tree)
             if fast_greedy:
@@ -338,6 +350,24 @@ class _RowDecoder:
             features = self.draft.select_features(out.hidden_states)[0, keep]
             self.drafter.extend(features[None], torch.tensor(emitted))
             self.next_position += len(emitted)
+            if self.sizer is not None:
+                self._observe(tree, len(path) - 1, verify_seconds + logits.seconds, cycle_started)
+
+    def _observe(self, tree, accepted: int, verify_seconds: float, cycle_started: float) -> None:
+        """Feeds one cycle's measurements to the adaptive tree rule (`adaptive.py`)."""
+        gains = tree.scores.float().exp()
+        node_depths = tree.depths[1:]
+        # the deepest level the drafter expanded (0 when none of its nodes was worth keeping)
+        deepest = gains[node_depths == self.sizer.depth].sum()
+        self.sizer.observe(
+            nodes=tree.num_nodes,
+            predicted=float(gains.sum()),
+            accepted=accepted,
+            verify_seconds=verify_seconds,
+            step_seconds=getattr(self.drafter, "last_step_seconds", None),
+            cycle_seconds=time.perf_counter() - cycle_started,
+            deepest_gain=float(deepest),
+        )
 
 
 @torch.no_grad()
@@ -414,6 +444,7 @@ def _decode(target, draft, input_ids, logits_processor, stopping_criteria, gener
     started = time.perf_counter()
     knobs = _tree_knobs(draft, generation_config)
     factory = getattr(generation_config, "tree_drafter", None) or EagleDrafterFactory()
+    adaptive = _adaptive_tree(draft, generation_config)
     vocab_size = target.get_output_embeddings().weight.shape[0]
     cache = model_kwargs.get("past_key_values")
     check_cache_supported(cache)
@@ -489,13 +520,14 @@ def _decode(target, draft, input_ids, logits_processor, stopping_criteria, gener
             next_position = int(position_ids[-3:, r, -1].max()) + 1
         else:
             next_position = int(position_ids[r, -1]) + 1
+        sizer = AdaptiveTreeSizer(knobs.depth, knobs.total_tokens) if adaptive else None
         context = DrafterContext(draft=draft, embed_tokens=embed_tokens, lm_head=lm_head, knobs=knobs, row=r,
-                                 prompt_ids=input_ids[r, n_pad:], vocab_size=vocab_size)
+                                 prompt_ids=input_ids[r, n_pad:], vocab_size=vocab_size, sizer=sizer)
         drafter = factory(context)
         row_stats = SpeculationStats(prefill_tokens=prompt_len - starts[r])
         decoder = _RowDecoder(target, draft, drafter, row_cache, n_pad, next_position, mrope_axes, layer_ids, head,
                               logits_processor, stopping_criteria, generation_config, streamer, row_stats, exact,
-                              padded_batch=any(n_pads))
+                              padded_batch=any(n_pads), sizer=sizer)
         ids, finished = decoder.first_token(input_ids[r : r + 1], last_logits[r : r + 1])
         if not finished:
             first = ids[:, -1:]

@@ -28,6 +28,7 @@ class SpeculationStats:
         accepted_draft_tokens (`int`): draft tokens accepted over all cycles.
         drafted_tokens (`int`): draft tokens proposed (tree nodes) over all cycles.
         accepted_per_cycle (`list[int]`): tokens emitted by each cycle, bonus included.
+        nodes_per_cycle (`list[int]`): draft nodes verified by each cycle (varies with the adaptive tree).
         depth_reached (`list[int]`): per tree depth `d` (1-based index `d - 1`), cycles whose path reached it.
         prefill_tokens (`int`): tokens in the target prefill (all rows).
         draft_prefill_tokens (`int`): tokens the draft actually saw in its prefill (fewer with a visual compressor).
@@ -50,6 +51,7 @@ class SpeculationStats:
     accepted_draft_tokens: int = 0
     drafted_tokens: int = 0
     accepted_per_cycle: list[int] = field(default_factory=list)
+    nodes_per_cycle: list[int] = field(default_factory=list)
     depth_reached: list[int] = field(default_factory=list)
     prefill_tokens: int = 0
     draft_prefill_tokens: int = 0
@@ -68,6 +70,7 @@ class SpeculationStats:
         self.accepted_draft_tokens += n_accepted_draft
         self.drafted_tokens += n_drafted
         self.accepted_per_cycle.append(n_emitted)
+        self.nodes_per_cycle.append(n_drafted)
         if len(self.depth_reached) < n_accepted_draft:
             self.depth_reached.extend([0] * (n_accepted_draft - len(self.depth_reached)))
         for d in range(n_accepted_draft):
@@ -83,6 +86,7 @@ class SpeculationStats:
         out.exact_verification = self.exact_verification or other.exact_verification
         out.total_seconds = max(self.total_seconds, other.total_seconds)  # one call's wall time, not a per-row sum
         out.accepted_per_cycle = self.accepted_per_cycle + other.accepted_per_cycle
+        out.nodes_per_cycle = self.nodes_per_cycle + other.nodes_per_cycle
         depth = max(len(self.depth_reached), len(other.depth_reached))
         out.depth_reached = [
             (self.depth_reached[d] if d < len(self.depth_reached) else 0)

@@ -1,0 +1,135 @@
+"""Adaptive tree size: the loop measures what verification and drafting cost during the call and how well the
+draft's probabilities predict acceptance, and sizes every tree to maximise expected tokens per second.
+
+The rule (documented once, here):
+
+* **Expected accepted draft tokens** of a tree = `c * sum_nodes exp(score)`, where `score` is a node's cumulative
+  draft log-probability (the probability, under the draft, that the node lies on the accepted path) and `c` is a
+  calibration factor: an exponential moving average of realised over predicted accepted tokens, so an over-confident
+  draft (or one that meets prompts it predicts badly) is discounted.
+* **Cost of a cycle** with `n` nodes = `a + b * n` (verification, a least-squares line over the cycles so far with
+  exponential forgetting, seeded by the first cycles, which alternate the full and a quarter budget to measure the
+  slope) `+ depth * t_step` (draft steps) `+ t_loop`.
+* **Nodes**: after the draft has expanded the tree, keep the `N <= tree_total_tokens` best nodes that maximise
+  `(1 + c * S_N) / (cost(N))`, `S_N` the sum of `exp(score)` of the `N` best.
+* **Depth**: when the deepest level's expected contribution, in seconds saved (`c * sum exp(score)` of its kept nodes
+  times the time per emitted token), is worth less than one draft step, the next tree is one level shallower; when it
+  is worth more than two steps, one level deeper (between 1 and `tree_depth`).
+
+A draft that accepts nothing thus shrinks to a one-level tree of a few nodes (costing little), and a good draft grows
+its tree. Greedy output and the sampling law do not depend on the tree's shape, so the adaptation is lossless.
+Per-call `tree_adaptive=False` keeps the tree fixed at the call's knobs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+#: Forgetting factor of the verification-cost fit and of the moving averages (per cycle).
+DECAY = 0.9
+#: Cycles whose budgets alternate between the full and a quarter budget to measure the verification slope.
+WARMUP_CYCLES = 4
+
+
+@dataclass
+class AdaptiveTreeSizer:
+    """
+    Per-row state of the adaptive tree rule (see the module docstring).
+
+    Args:
+        max_depth (`int`): the call's `tree_depth` (upper bound).
+        max_nodes (`int`): the call's `tree_total_tokens` (upper bound).
+    """
+
+    max_depth: int
+    max_nodes: int
+    depth: int = 0
+    calibration: float = 1.0
+    cycles: int = 0
+    step_seconds: float | None = None  # one draft expansion step
+    loop_seconds: float = 0.0  # catch-up forward + the loop's own time per cycle
+    _fit: list[float] = field(default_factory=lambda: [0.0] * 5)  # weighted n, x, y, xx, xy
+    _predicted: float = 0.0
+    _realised: float = 0.0
+
+    def __post_init__(self):
+        self.depth = self.depth or self.max_depth
+
+    # ------------------------------------------------------------------------------------------------------------
+    def verify_cost(self, nodes: torch.Tensor | float) -> torch.Tensor | float:
+        """Modelled seconds of a verification forward over `nodes` draft nodes (+ the root)."""
+        w, sx, sy, sxx, sxy = self._fit
+        if w <= 0:
+            return nodes * 0.0
+        mean_x, mean_y = sx / w, sy / w
+        var = sxx / w - mean_x**2
+        slope = max((sxy / w - mean_x * mean_y) / var, 0.0) if var > 1e-9 else 0.0
+        return mean_y + slope * (nodes - mean_x)
+
+    def budget(self, scores: torch.Tensor) -> int:
+        """How many of the recorded candidates to keep, given their cumulative draft log-probabilities."""
+        if scores.numel() == 0:
+            return 0
+        cap = min(self.max_nodes, scores.numel())
+        if self.cycles < WARMUP_CYCLES:
+            return cap if self.cycles % 2 == 0 else max(1, cap // 4)
+        gains = torch.sort(scores.float().exp(), descending=True).values[:cap].cumsum(0)
+        n = torch.arange(1, cap + 1, dtype=torch.float32)
+        fixed = self.depth * (self.step_seconds or 0.0) + self.loop_seconds
+        rate = (1.0 + self.calibration * gains) / (self.verify_cost(n) + fixed).clamp(min=1e-6)
+        return int(rate.argmax()) + 1
+
+    def observe(
+        self,
+        nodes: int,
+        predicted: float,
+        accepted: int,
+        verify_seconds: float,
+        step_seconds: float | None,
+        cycle_seconds: float,
+        deepest_gain: float,
+    ) -> None:
+        """
+        Records one cycle and updates the model and the next depth.
+
+        Args:
+            nodes (`int`): draft nodes verified.
+            predicted (`float`): `sum exp(score)` over them.
+            accepted (`int`): draft tokens accepted.
+            verify_seconds (`float`): the verification forward (and its LM head).
+            step_seconds (`float`, *optional*): mean seconds of one draft expansion step this cycle.
+            cycle_seconds (`float`): the whole cycle.
+            deepest_gain (`float`): `sum exp(score)` of the kept nodes at the tree's deepest level.
+        """
+        self.cycles += 1
+        fit = [value * DECAY for value in self._fit]
+        for i, term in enumerate((1.0, nodes, verify_seconds, nodes * nodes, nodes * verify_seconds)):
+            fit[i] += term
+        self._fit = fit
+        self._predicted = DECAY * self._predicted + predicted
+        self._realised = DECAY * self._realised + accepted
+        if self._predicted > 0:
+            self.calibration = min(max(self._realised / self._predicted, 0.02), 2.0)
+        if step_seconds is not None:
+            self.step_seconds = step_seconds if self.step_seconds is None else (
+                DECAY * self.step_seconds + (1 - DECAY) * step_seconds)
+        other = max(cycle_seconds - verify_seconds - self.depth * (step_seconds or 0.0), 0.0)
+        self.loop_seconds = other if self.cycles == 1 else DECAY * self.loop_seconds + (1 - DECAY) * other
+        if self.cycles >= WARMUP_CYCLES and self.step_seconds:
+            per_token = cycle_seconds / (accepted + 1)
+            worth = self.calibration * deepest_gain * per_token
+            if worth < self.step_seconds and self.depth > 1:
+                self.depth -= 1
+            elif worth > 2 * self.step_seconds and self.depth < self.max_depth:
+                self.depth += 1
+
+    @property
+    def expected_tokens_per_second(self) -> float | None:
+        """The model's current estimate for a full-budget tree (diagnostic)."""
+        if not self._fit[0]:
+            return None
+        cost = float(self.verify_cost(float(self.max_nodes))) + self.loop_seconds
+        return None if cost <= 0 or math.isnan(cost) else 1.0 / cost
