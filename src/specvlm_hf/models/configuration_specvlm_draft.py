@@ -12,6 +12,14 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
 
+#: `from_target` keeps the target's full LM head for vocabularies up to this size (`draft_vocab_size=None`).
+AUTO_DRAFT_VOCAB_MAX_FULL = 65536
+#: Size of the reduced head `from_target` gives drafts of larger vocabularies (chosen by measurement: README).
+AUTO_DRAFT_VOCAB_SIZE = 4096
+#: Share of a data-free reduced vocabulary taken from the lowest ids; the rest follows the LM-head-row prior.
+AUTO_DRAFT_VOCAB_LOWEST_SHARE = 0.75
+
+
 @strict
 class SpecVLMDraftConfig(PreTrainedConfig):
     r"""
@@ -61,7 +69,28 @@ class SpecVLMDraftConfig(PreTrainedConfig):
         input_norm (`bool`, *optional*, defaults to `True`):
             SpecVLM's one change to EAGLE-2: an RMSNorm on the fused input before the decoder layer(s).
         draft_vocab_size (`int`, *optional*):
-            Size of an optional reduced draft vocabulary (EAGLE-3 style). `None` uses the target's full LM head.
+            Size of the draft's own reduced LM head (EAGLE-3 style), so that a draft step does not cost more with a
+            larger target vocabulary. The draft then scores only `draft_vocab_size` target ids (its `d2t` buffer,
+            saved with the checkpoint) and tokens outside them can only come from the target's bonus token; output
+            stays lossless. `None` or `0`: the draft reads the target's full LM head.
+
+            [`SpecVLMDraftModel.from_target`] chooses it when it is not given (`None` or `"auto"`): the target's full
+            head up to `AUTO_DRAFT_VOCAB_MAX_FULL` (65,536) tokens, else a reduced head of `AUTO_DRAFT_VOCAB_SIZE`
+            tokens; `0` or `"full"` forces the full head and an integer forces that size. The ids of such a
+            data-free head (see [`default_draft_vocab_ids`]) are, in order:
+
+            1. every special id named by the target's configs: the `*_token_id`, `*_token_ids` and `*_token_index`
+               entries of its config, its text config and its generation config (bos, eos, pad, image/video and
+               vision start/end tokens...);
+            2. the lowest ids, up to `AUTO_DRAFT_VOCAB_LOWEST_SHARE` (3/4) of the size (BPE tokenizers give lower ids
+               to earlier, more frequent merges);
+            3. the rest: the ids whose LM-head rows have the lowest dot product with the mean row (a frequency proxy
+               read from the weights; ties go to the smaller id). SentencePiece vocabularies such as Gemma's put
+               single characters and punctuation at the top of the id range, which rule 2 alone misses.
+
+            Its head is initialised with the target's LM-head rows of those ids, so an untrained reduced head ranks
+            them exactly as the target's head does. A vocabulary built from training data
+            (`specvlm_hf.build_draft_vocab`) replaces it.
         tree_top_k (`int`, *optional*, defaults to 8):
             Children expanded per frontier node and frontier width of the EAGLE-2 dynamic tree.
         tree_depth (`int`, *optional*, defaults to 5):
@@ -135,6 +164,8 @@ class SpecVLMDraftConfig(PreTrainedConfig):
             self.target_layer_ids = [-1]
         else:
             self.target_layer_ids = [int(i) for i in self.target_layer_ids]
+        if self.draft_vocab_size == 0:  # 0 = the target's full head
+            self.draft_vocab_size = None
         if self.rope_parameters is None:
             self.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
         super().__post_init__(**kwargs)
@@ -165,4 +196,9 @@ class SpecVLMDraftConfig(PreTrainedConfig):
             raise ValueError("Invalid SpecVLMDraftConfig: " + "; ".join(problems) + ".")
 
 
-__all__ = ["SpecVLMDraftConfig"]
+__all__ = [
+    "AUTO_DRAFT_VOCAB_LOWEST_SHARE",
+    "AUTO_DRAFT_VOCAB_MAX_FULL",
+    "AUTO_DRAFT_VOCAB_SIZE",
+    "SpecVLMDraftConfig",
+]
