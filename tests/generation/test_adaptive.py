@@ -85,5 +85,5 @@ def test_fixed_tree_switch():
     draft = SpecVLMDraftModel.from_target(target)
     inputs = make_inputs("llama", target, with_image=False)
     out = target.generate(**inputs, max_new_tokens=20, do_sample=False, assistant_model=draft, tree_adaptive=False,
-                          tree_total_tokens=7, return_dict_in_generate=True)
+                          tree_total_tokens=7, tree_ngram_tokens=0, return_dict_in_generate=True)
     assert set(out.speculation.nodes_per_cycle) == {7}

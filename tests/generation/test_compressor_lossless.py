@@ -71,8 +71,10 @@ def _draft(target, **compressor_fields) -> SpecVLMDraftModel:
 
 
 def _speculate(target, draft, inputs):
+    # a fixed tree: the adaptive rule sizes trees from wall-clock timings, which would make drafting differ by run
     return target.generate(
-        **inputs, max_new_tokens=MAX_NEW, do_sample=False, assistant_model=draft, return_dict_in_generate=True
+        **inputs, max_new_tokens=MAX_NEW, do_sample=False, assistant_model=draft, return_dict_in_generate=True,
+        tree_adaptive=False,
     )
 
 

@@ -86,7 +86,8 @@ def test_replay_oracle_accepts_its_whole_chain(llava, depth):
     inputs = make_inputs("llava", target, with_image=True)
     plain = target.generate(**inputs, max_new_tokens=30, do_sample=False)
     out = target.generate(**inputs, max_new_tokens=30, do_sample=False, assistant_model=draft, tree_depth=depth,
-                          tree_drafter=ReplayDrafterFactory([plain[0].tolist()]), return_dict_in_generate=True)
+                          tree_drafter=ReplayDrafterFactory([plain[0].tolist()]), tree_ngram_tokens=0,
+                          return_dict_in_generate=True)
     assert out.sequences.tolist() == plain.tolist()
     stats = out.speculation
     full_cycles = stats.accepted_per_cycle[:-1]  # the last cycle may be cut by max_new_tokens

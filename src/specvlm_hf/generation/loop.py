@@ -33,6 +33,7 @@ from .cache_utils import check_cache_supported, compact, select_row, tree_attent
 from .drafter import TreeKnobs
 from .adaptive import AdaptiveTreeSizer
 from .drafters import DrafterContext, EagleDrafterFactory
+from .ngram import merge_branch, ngram_candidate
 from .exact_attention import PLAN_KWARG, RowwisePlan, exact_attention_selected, probe_exact_verification
 from .route import GENERATE_KNOBS
 from .stats import SpeculationStats
@@ -76,6 +77,23 @@ def _adaptive_tree(draft: Any, generation_config: "GenerationConfig") -> bool:
     if requested is None:
         requested = getattr(draft.config, "tree_adaptive", True)
     return bool(requested)
+
+
+#: Defaults of the n-gram branch for drafts whose config predates the knobs (see `ngram.py`).
+NGRAM_DEFAULTS = {"tree_ngram_tokens": 6, "tree_ngram_max": 3}
+
+
+def _ngram_knobs(draft: Any, generation_config: "GenerationConfig") -> tuple[int, int]:
+    """(candidate length, longest suffix) of the n-gram branch: per call, else the draft config, else the defaults."""
+    values = []
+    for name, default in NGRAM_DEFAULTS.items():
+        value = getattr(generation_config, name, None)
+        if value is None:
+            value = getattr(draft.config, name, default)
+        if int(value) < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+        values.append(int(value))
+    return values[0], max(values[1], 1)
 
 
 def _tree_knobs(draft: Any, generation_config: "GenerationConfig") -> TreeKnobs:
@@ -246,7 +264,7 @@ class _RowDecoder:
 
     def __init__(self, target, draft, drafter, cache, n_pad, next_position, mrope_axes, layer_ids, head,
                  logits_processor, stopping_criteria, generation_config, streamer, stats, exact=False,
-                 padded_batch=False, sizer=None):
+                 padded_batch=False, sizer=None, ngram=(0, 3)):
         self.target, self.draft, self.drafter, self.cache = target, draft, drafter, cache
         self.n_pad, self.next_position, self.mrope_axes = n_pad, next_position, mrope_axes
         self.layer_ids = layer_ids
@@ -265,6 +283,7 @@ class _RowDecoder:
         self.exact = exact  # verification attention reproduces one-token decoding row by row (exact_attention.py)
         self.padded_batch = padded_batch  # the call's batch had left padding (plain decoding then masks every row)
         self.sizer = sizer  # adaptive tree rule fed with every cycle's measurements (adaptive.py)
+        self.ngram_tokens, self.ngram_max = ngram  # the n-gram branch (ngram.py); 0 tokens = off
         self.scores: list[torch.Tensor] = []
         self.raw_logits: list[torch.Tensor] = []
 
@@ -298,6 +317,8 @@ class _RowDecoder:
         while True:
             cycle_started = time.perf_counter()
             tree = self.drafter.propose()
+            if self.ngram_tokens:
+                tree = merge_branch(tree, ngram_candidate(ids[0, self.n_pad :], self.ngram_tokens, self.ngram_max))
             n_block = tree.num_nodes + 1
             block = torch.cat([ids[0, -1:].cpu(), tree.tokens]).view(1, -1).to(ids.device)
             padding: dict[str, torch.Tensor] | None = {} if self.exact else None
@@ -445,6 +466,7 @@ def _decode(target, draft, input_ids, logits_processor, stopping_criteria, gener
     knobs = _tree_knobs(draft, generation_config)
     factory = getattr(generation_config, "tree_drafter", None) or EagleDrafterFactory()
     adaptive = _adaptive_tree(draft, generation_config)
+    ngram = _ngram_knobs(draft, generation_config)
     vocab_size = target.get_output_embeddings().weight.shape[0]
     cache = model_kwargs.get("past_key_values")
     check_cache_supported(cache)
@@ -527,7 +549,7 @@ def _decode(target, draft, input_ids, logits_processor, stopping_criteria, gener
         row_stats = SpeculationStats(prefill_tokens=prompt_len - starts[r])
         decoder = _RowDecoder(target, draft, drafter, row_cache, n_pad, next_position, mrope_axes, layer_ids, head,
                               logits_processor, stopping_criteria, generation_config, streamer, row_stats, exact,
-                              padded_batch=any(n_pads), sizer=sizer)
+                              padded_batch=any(n_pads), sizer=sizer, ngram=ngram)
         ids, finished = decoder.first_token(input_ids[r : r + 1], last_logits[r : r + 1])
         if not finished:
             first = ids[:, -1:]
