@@ -14,25 +14,10 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from specvlm_hf import SpecVLMDraftModel
-from specvlm_hf.testing.tiny_models import FAMILIES, MULTIMODAL_FAMILIES, build_tiny_target, make_inputs
+from specvlm_hf.testing.tiny_models import FAMILIES, MULTIMODAL_FAMILIES, make_inputs
 
 MAX_NEW = 10
 SAMPLING = dict(do_sample=True, top_k=20, temperature=0.9)
-
-
-@pytest.fixture(scope="module")
-def models():
-    cache: dict[str, tuple] = {}
-
-    def get(family: str):
-        if family not in cache:
-            target = build_tiny_target(family)
-            torch.manual_seed(1)
-            cache[family] = (target, SpecVLMDraftModel.from_target(target))
-        return cache[family]
-
-    return get
 
 
 def _extend(inputs: dict, new_tokens: torch.Tensor) -> dict:
@@ -65,8 +50,8 @@ def _assert_same(results):
 
 @pytest.mark.parametrize("sampling", [False, True], ids=["greedy", "sampling"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_prefilled_prefix(models, family, sampling):
-    target, draft = models(family)
+def test_prefilled_prefix(targets, family, sampling):
+    target, draft = targets(family)
     inputs = make_inputs(family, target, with_image=family in MULTIMODAL_FAMILIES, prompt_len=9)
     n = inputs["input_ids"].shape[1]
     prefix = {k: (v[:, : n - 3] if k in ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids") else v)
@@ -82,9 +67,9 @@ def test_prefilled_prefix(models, family, sampling):
 
 @pytest.mark.parametrize("first_with_draft", [False, True], ids=["after-plain", "after-speculative"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_multi_turn_continues_from_returned_cache(models, family, first_with_draft):
+def test_multi_turn_continues_from_returned_cache(targets, family, first_with_draft):
     """Turn 1 (with the image where the family has one) returns a cache; turn 2 adds text and continues from it."""
-    target, draft = models(family)
+    target, draft = targets(family)
     inputs = make_inputs(family, target, with_image=family in MULTIMODAL_FAMILIES)
     first = target.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, return_dict_in_generate=True,
                             assistant_model=draft if first_with_draft else None)
@@ -95,9 +80,9 @@ def test_multi_turn_continues_from_returned_cache(models, family, first_with_dra
     _assert_same(_generate_both(target, draft, turn2, first.past_key_values, do_sample=False))
 
 
-def test_reused_cache_repro_from_issue(models):
+def test_reused_cache_repro_from_issue(targets):
     """The issue's repro: prefill seq[:, :-1] by hand, then generate from the whole sequence."""
-    target, draft = models("llama")
+    target, draft = targets("llama")
     seq = make_inputs("llama", target, with_image=False, prompt_len=19)["input_ids"]
     cache = DynamicCache(config=target.config)
     with torch.no_grad():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specvlm_hf import SpecVLMDraftModel
 from specvlm_hf.testing.tiny_models import FAMILIES, MULTIMODAL_FAMILIES, build_tiny_target, make_inputs, split_rows
 
 from .oracle import oracle
@@ -17,20 +16,6 @@ CASES = [
     for batch_size in (1, 2)
 ]
 MAX_NEW = 24
-
-
-@pytest.fixture(scope="module")
-def targets():
-    cache: dict[str, tuple] = {}
-
-    def get(family: str):
-        if family not in cache:
-            target = build_tiny_target(family)
-            torch.manual_seed(1)
-            cache[family] = (target, SpecVLMDraftModel.from_target(target))
-        return cache[family]
-
-    return get
 
 
 def _unpadded_rows(inputs: dict, sequences: torch.Tensor) -> list[list[int]]:
