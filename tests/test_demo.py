@@ -14,12 +14,102 @@ def test_tiny_demo_prints_identical_outputs(capsys):
     assert "identical: True" in printed and "mean acceptance length" in printed
 
 
-def test_dtype_resolution(monkeypatch):
+def test_tiny_demo_says_whether_exact_verification_ran(capsys):
+    assert demo.main(["--tiny", "--max-new-tokens", "6"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "dtype: float32 (the tiny random demo always runs in float32)"
+    assert any(line.startswith("exact verification did not run (automatic: used for bfloat16/float16") for line in lines)
+
+
+def test_dtype_policy(monkeypatch):
+    from specvlm_hf.generation import exact_attention
+    from specvlm_hf.generation.exact_attention import ExactnessProbe
+
+    monkeypatch.setattr(exact_attention, "probe_exact_verification", lambda device, dtype, **_: ExactnessProbe(True))
     monkeypatch.setattr(demo, "cpu_has_native_bf16", lambda: True)
+    choice = demo.choose_dtype("auto")
+    assert choice.dtype == torch.bfloat16 and choice.name == "bfloat16"
+    assert "native bf16 matrix units" in choice.reason and "probe passes" in choice.reason
     assert demo.resolve_dtype("auto") == torch.bfloat16
+    failing = ExactnessProbe(False, "F.linear in torch.bfloat16 is not row-invariant (8 rows, row 4)")
+    monkeypatch.setattr(exact_attention, "probe_exact_verification", lambda device, dtype, **_: failing)
+    choice = demo.choose_dtype("auto")
+    assert choice.dtype == torch.float32 and "probe fails (F.linear" in choice.reason
     monkeypatch.setattr(demo, "cpu_has_native_bf16", lambda: False)
-    assert demo.resolve_dtype("auto") == torch.float32
-    assert demo.resolve_dtype("bfloat16") == torch.bfloat16
+    choice = demo.choose_dtype("auto")
+    assert choice.dtype == torch.float32 and "no native bf16 matrix units" in choice.reason
+    for name in ("bfloat16", "float16", "float32"):  # explicit dtypes are taken as given
+        assert demo.choose_dtype(name) == demo.DtypeChoice(getattr(torch, name), f"--dtype {name}")
+    assert demo.choose_dtype("auto", "meta").dtype == torch.float32
+
+
+def test_dtype_policy_on_cuda(monkeypatch):
+    from specvlm_hf.generation import exact_attention
+    from specvlm_hf.generation.exact_attention import ExactnessProbe
+
+    monkeypatch.setattr(exact_attention, "probe_exact_verification", lambda device, dtype, **_: ExactnessProbe(True))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert demo.choose_dtype("auto", "cuda").dtype == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert demo.choose_dtype("auto", "cuda").dtype == torch.float32
+
+
+def _result(**changes) -> demo.DemoResult:
+    values = dict(model="m", plain_text="a", spec_text="b", identical=False, plain_seconds=1.0, spec_seconds=2.0,
+                  mean_accept_len=1.5, new_tokens=64, dtype="bfloat16", exact_verification=False, first_diff=57,
+                  margin=0.03125)
+    return demo.DemoResult(**{**values, **changes})
+
+
+def test_equality_line_states_where_and_how_close():
+    assert _result(identical=True).equality_line() == "identical: True"
+    rounding = _result()
+    assert rounding.rounding_explains_difference
+    assert rounding.equality_line() == (
+        "identical up to bfloat16 rounding: first difference at token 57, where the target's top two logits differ "
+        "by 0.0312")
+    for unexplained in (_result(dtype="float32"), _result(exact_verification=True)):
+        assert not unexplained.rounding_explains_difference
+        line = unexplained.equality_line()
+        assert line.startswith("identical: False: first difference at token 57") and "please report it" in line
+
+
+class _DivergingTarget:
+    """A tiny target whose speculative calls return one token changed (to exercise the difference report)."""
+
+    def __init__(self, target, position: int):
+        self._target, self._position = target, position
+
+    def __getattr__(self, name):
+        return getattr(self._target, name)
+
+    def generate(self, **kwargs):
+        out = self._target.generate(**kwargs)
+        if "assistant_model" in kwargs and kwargs.get("return_dict_in_generate"):
+            n_prompt = kwargs["input_ids"].shape[1]
+            token = out.sequences[0, n_prompt + self._position]
+            out.sequences[0, n_prompt + self._position] = (token + 1) % self._target.config.get_text_config().vocab_size
+        return out
+
+
+def test_compare_reports_the_first_difference_and_the_margin_there():
+    from specvlm_hf.bench.exactness import PlainReference
+    from specvlm_hf.models import SpecVLMDraftModel
+    from specvlm_hf.testing.tiny_models import build_tiny_target, make_inputs
+
+    target = build_tiny_target("llava")
+    torch.manual_seed(0)
+    draft = SpecVLMDraftModel.from_target(target)
+    inputs = make_inputs("llava", target, with_image=True)
+    target.generation_config.eos_token_id = None  # 10 tokens whatever the random model says
+    result = demo.compare(_DivergingTarget(target, 4), draft, inputs, str, 10, "tiny")
+    assert not result.identical and result.first_diff == 4 and result.dtype == "float32"
+    reference = PlainReference.run(target, inputs, 10)
+    assert result.margin == pytest.approx(reference.margins[0][4]) and result.margin >= 0
+    assert result.exact_verification is False and "float32" in result.exact_note
+    assert "first difference at token 4, where the target's top two logits differ by" in result.equality_line()
 
 
 def test_cli_lists_commands_and_rejects_unknown_ones(capsys):
@@ -53,7 +143,7 @@ def no_demo_run(monkeypatch):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),
+        (["--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
         (["--max-new-tokens", "0"], "argument --max-new-tokens: expected a positive integer, got '0'"),
         (["--tiny", "--image", "cat.png"], "--image and --prompt apply to the pocket VLM"),
         (["--prompt", " "], "--prompt must not be empty"),

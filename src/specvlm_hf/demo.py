@@ -5,6 +5,14 @@ VLM and its shipped trained draft on a held-out photo (or `--image PATH` with `-
 `--tiny`) it runs a tiny random LLaVA built in code, which still shows token-identical output but no speedup (a random
 draft accepts almost nothing). Without the pocket VLM, one line on stderr says what is missing and the `pip` command
 that installs it.
+
+The pocket VLM runs in the dtype of `--dtype` (default `auto`, see [`choose_dtype`]: bfloat16 where the CPU has native
+bf16 matrix units and the exact-verification probe passes, float32 otherwise); the chosen dtype and why are printed
+first. The demo then says whether verification ran the exact row-wise attention (`out.speculation.exact_verification`)
+and how the outputs compare: identical; identical up to bf16/fp16 rounding (the first differing token and how close
+the target's top two logits were there, from a plain call with `output_logits=True`); or not identical where no
+rounding explains it (float32, or exact verification on), which is a bug. The exit status is 0 in the first two cases
+and 1 in the third.
 """
 
 from __future__ import annotations
@@ -115,7 +123,18 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 @dataclass
 class DemoResult:
-    """Outcome of one demo run."""
+    """
+    Outcome of one demo run.
+
+    Args:
+        identical (`bool`): whether the speculative tokens equal plain `generate`'s.
+        dtype (`str`): the models' dtype.
+        exact_verification (`bool`, *optional*): whether verification ran the exact row-wise attention
+            (`out.speculation.exact_verification`).
+        exact_note (`str`): why exact verification ran or not (a few words).
+        first_diff (`int`, *optional*): the first generated token that differs (when not identical).
+        margin (`float`, *optional*): the target's top-1 minus top-2 logit there under plain decoding.
+    """
 
     model: str
     plain_text: str
@@ -125,10 +144,34 @@ class DemoResult:
     spec_seconds: float
     mean_accept_len: float | None
     new_tokens: int
+    dtype: str = "float32"
+    exact_verification: bool | None = None
+    exact_note: str = ""
+    first_diff: int | None = None
+    margin: float | None = None
 
     @property
     def speedup(self) -> float:
         return self.plain_seconds / self.spec_seconds if self.spec_seconds else float("nan")
+
+    @property
+    def rounding_explains_difference(self) -> bool:
+        """A difference that reduced-precision rounding can explain: bf16/fp16 verification without the exact
+        attention (tree verification rounds differently from one-token decoding, so a near tie can flip)."""
+        return not self.identical and self.dtype in ("bfloat16", "float16") and not self.exact_verification
+
+    def equality_line(self) -> str:
+        """The equality verdict in one line: identical, identical up to rounding (where and how close the target's
+        top two logits were), or not identical (a bug to report)."""
+        if self.identical:
+            return "identical: True"
+        where = f"first difference at token {self.first_diff}"
+        if self.margin is not None:
+            where += f", where the target's top two logits differ by {self.margin:.3g}"
+        if self.rounding_explains_difference:
+            return f"identical up to {self.dtype} rounding: {where}"
+        why = "with exact verification" if self.exact_verification else f"in {self.dtype}"
+        return f"identical: False: {where} (unexpected {why}: please report it)"
 
 
 def _timed_generate(target, inputs: dict, **kwargs) -> tuple[object, float]:
@@ -137,23 +180,61 @@ def _timed_generate(target, inputs: dict, **kwargs) -> tuple[object, float]:
     return out, time.perf_counter() - start
 
 
+def _exact_note(target, ran: bool | None) -> str:
+    """Why exact verification ran (or did not) for `target`, in a few words."""
+    if ran:
+        return "each tree node verified as its own one-token query, as plain decoding computes it"
+    weight = target.get_output_embeddings().weight
+    if weight.dtype not in (torch.bfloat16, torch.float16):
+        return f"automatic: used for bfloat16/float16 targets, this one runs {str(weight.dtype).removeprefix('torch.')}"
+    if target.config.get_text_config()._attn_implementation != "sdpa":
+        return "the target does not run SDPA attention"
+    from .generation.exact_attention import probe_exact_verification
+
+    probe = probe_exact_verification(weight.device, weight.dtype,
+                                     hidden_size=target.config.get_text_config().hidden_size)
+    return probe.reason or "the exact-verification probe failed"
+
+
 def compare(target, draft, inputs: dict, decode, max_new_tokens: int, model_name: str) -> DemoResult:
-    """Runs plain greedy `generate` and the same call with `assistant_model=draft` (after one warm-up each)."""
+    """
+    Runs plain greedy `generate` and the same call with `assistant_model=draft` (after one warm-up each). When the
+    outputs differ, one more (untimed) plain call with `output_logits=True` gives the target's top-2 margin at the
+    first difference.
+    """
+    from .bench.exactness import PlainReference, eos_token_ids, first_difference, generated_rows
+
     common = dict(max_new_tokens=max_new_tokens, do_sample=False)
     target.generate(**inputs, max_new_tokens=4, do_sample=False)
     target.generate(**inputs, max_new_tokens=4, do_sample=False, assistant_model=draft)
     plain, plain_s = _timed_generate(target, inputs, **common)
     spec, spec_s = _timed_generate(target, inputs, assistant_model=draft, return_dict_in_generate=True, **common)
     n_prompt = inputs["input_ids"].shape[1]
+    identical = plain.tolist() == spec.sequences.tolist()
+    first_diff = margin = None
+    if not identical:
+        eos_ids = eos_token_ids(target)
+        reference = PlainReference.run(target, inputs, max_new_tokens, eos_ids)
+        first_diff = first_difference(generated_rows(spec.sequences, n_prompt, eos_ids)[0], reference.rows[0])
+        if first_diff is None:  # the tokens differ only after the end of sequence
+            first_diff = first_difference(spec.sequences[0, n_prompt:].tolist(), plain[0, n_prompt:].tolist())
+        else:
+            margin = reference.margin(0, first_diff)
+    ran = getattr(spec.speculation, "exact_verification", None)
     return DemoResult(
         model=model_name,
         plain_text=decode(plain[0, n_prompt:]),
         spec_text=decode(spec.sequences[0, n_prompt:]),
-        identical=plain.tolist() == spec.sequences.tolist(),
+        identical=identical,
         plain_seconds=plain_s,
         spec_seconds=spec_s,
         mean_accept_len=spec.speculation.mean_accept_len,
         new_tokens=int(plain.shape[1] - n_prompt),
+        dtype=str(target.get_output_embeddings().weight.dtype).removeprefix("torch."),
+        exact_verification=ran,
+        exact_note=_exact_note(target, ran),
+        first_diff=first_diff,
+        margin=margin,
     )
 
 
@@ -180,11 +261,64 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    """`"auto"` -> bf16 on CPUs with native bf16 matrix units, fp32 otherwise; else the named dtype."""
-    if name == "auto":
-        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-    return getattr(torch, name)
+#: `--dtype` values of `specvlm demo` and `specvlm bench` (besides `auto`).
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    """The dtype a command runs in and why (one line, printed and recorded)."""
+
+    dtype: torch.dtype
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+
+def _native_bf16(device: torch.device) -> tuple[bool, str]:
+    """Whether `device` has native bf16 matrix units, and a few words saying so."""
+    if device.type == "cuda":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return True, f"{torch.cuda.get_device_name(device)} supports bf16"
+        return False, "this CUDA device does not support bf16"
+    if device.type == "cpu":
+        if cpu_has_native_bf16():
+            return True, "the CPU has native bf16 matrix units (AVX512-BF16/AMX)"
+        return False, "the CPU has no native bf16 matrix units (no AVX512-BF16/AMX: bf16 would be emulated)"
+    return False, f"no bf16 check for {device.type} devices"
+
+
+def choose_dtype(name: str, device: torch.device | str = "cpu") -> DtypeChoice:
+    """
+    The dtype policy of `specvlm demo` and `specvlm bench` (`--dtype auto`, their default): bfloat16 where the device
+    has native bf16 matrix units (CPU: `avx512_bf16` or `amx_bf16` in `/proc/cpuinfo`; CUDA: `is_bf16_supported()`)
+    **and** `specvlm_hf.generation.exact_attention.probe_exact_verification(device, torch.bfloat16)` passes (so
+    speculative greedy output is bitwise equal to plain decoding there); float32 otherwise. Any other `name` is
+    taken as given.
+
+    Returns:
+        [`DtypeChoice`]: the dtype and a one-line reason.
+    """
+    if name != "auto":
+        return DtypeChoice(getattr(torch, name), f"--dtype {name}")
+    device = torch.device(device)
+    native, why = _native_bf16(device)
+    if not native:
+        return DtypeChoice(torch.float32, f"--dtype auto: {why}")
+    from .generation.exact_attention import probe_exact_verification
+
+    probe = probe_exact_verification(device, torch.bfloat16)
+    if not probe.exact:
+        return DtypeChoice(torch.float32, f"--dtype auto: {why}, but the exact-verification probe fails "
+                                          f"({probe.reason})")
+    return DtypeChoice(torch.bfloat16, f"--dtype auto: {why} and the exact-verification probe passes")
+
+
+def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """The dtype of [`choose_dtype`] (`"auto"` -> bfloat16 or float32 by the policy; else the named dtype)."""
+    return choose_dtype(name, device).dtype
 
 
 def run_pocket(
@@ -281,9 +415,10 @@ def make_parser() -> argparse.ArgumentParser:
                         help="Tokens to generate (default 96 pocket / 48 tiny).")
     parser.add_argument(
         "--dtype",
-        choices=("auto", "bfloat16", "float32"),
+        choices=("auto", *DTYPE_NAMES),
         default="auto",
-        help="Pocket VLM dtype; auto = bfloat16 on CPUs with native bf16 (AVX512-BF16/AMX), float32 otherwise.",
+        help="Pocket VLM dtype (default: auto = bfloat16 where the CPU has native bf16 matrix units, AVX512-BF16/AMX, "
+        "and the exact-verification probe passes; float32 otherwise).",
     )
     parser.add_argument("--image", default=None, metavar="PATH",
                         help="Pocket VLM only: the photo to describe (default: a held-out benchmark photo).")
@@ -310,15 +445,20 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
     kwargs = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
     if use_pocket:
-        result = run_pocket(dtype=resolve_dtype(args.dtype), image=args.image, prompt=args.prompt, **kwargs)
+        choice = choose_dtype(args.dtype)
+        print(f"dtype: {choice.name} ({choice.reason})")
+        result = run_pocket(dtype=choice.dtype, image=args.image, prompt=args.prompt, **kwargs)
     else:
+        print("dtype: float32 (the tiny random demo always runs in float32)")
         result = run_tiny(**kwargs)
     print(f"model: {result.model}")
     print(f"\n--- plain generate ({result.plain_seconds:.2f} s) ---\n{result.plain_text}")
     print(f"\n--- generate(..., assistant_model=draft) ({result.spec_seconds:.2f} s) ---\n{result.spec_text}")
     accept = f"{result.mean_accept_len:.2f}" if result.mean_accept_len is not None else "n/a"
+    verification = "ran" if result.exact_verification else "did not run"
+    print(f"\nexact verification {verification} ({result.exact_note})")
     print(
-        f"\nidentical: {result.identical} | new tokens: {result.new_tokens} | speedup: {result.speedup:.2f}x | "
+        f"{result.equality_line()} | new tokens: {result.new_tokens} | speedup: {result.speedup:.2f}x | "
         f"mean acceptance length (bonus token included): {accept}"
     )
-    return 0 if result.identical else 1
+    return 0 if result.identical or result.rounding_explains_difference else 1
