@@ -18,7 +18,8 @@ def test_tiny_demo_says_whether_exact_verification_ran(capsys):
     assert demo.main(["--tiny", "--max-new-tokens", "6"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "dtype: float32 (the tiny random demo always runs in float32)"
-    assert any(line.startswith("exact verification did not run (automatic: used for bfloat16/float16") for line in lines)
+    note = "exact verification did not run (automatic: used for bfloat16/float16"
+    assert any(line.startswith(note) for line in lines)
 
 
 def test_dtype_policy(monkeypatch):

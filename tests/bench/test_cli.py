@@ -7,6 +7,7 @@ import math
 import re
 
 import pytest
+import torch
 
 from specvlm_hf.bench.methods import METHODS
 from specvlm_hf.cli import main
@@ -259,3 +260,94 @@ def test_train_and_pocket_flag_spellings():
     commands = next(a for a in pocket._actions if a.choices and "build" in a.choices).choices
     for sub in commands.values():
         assert all("_" not in o for a in sub._actions for o in a.option_strings), sub.prog
+
+
+@pytest.fixture(scope="module")
+def oracle_run(tiny_bench_assets, tmp_path_factory):
+    """bfloat16 (noise floor measured), the oracle at two depths beside specvlm_tree, T = 0 and 1."""
+    out = tmp_path_factory.mktemp("bench_oracle")
+    args = _args(tiny_bench_assets, out, "--methods", "generate", "oracle", "specvlm_tree", "--oracle-depths", "2", "4",
+                 "--temperature", "0", "1", "--repeats", "1", "--max-prompts", "2", "--no-calibrate")
+    args[args.index("--dtype") + 1] = "bfloat16"
+    assert main(args) == 0
+    return out
+
+
+def test_oracle_records_carry_depth_bound_and_time_fractions(oracle_run):
+    records = json.loads((oracle_run / "results.json").read_text())
+    oracle = {(r["oracle_depth"], r["temperature"]): r for r in records if r["method"] == "oracle"}
+    assert set(oracle) == {(2, 0.0), (4, 0.0), (2, 1.0), (4, 1.0)}
+    for depth in (2, 4):
+        record = oracle[depth, 0.0]
+        assert record["available"] and record["exact_match"] == 1.0 and record["divergences"] == []
+        assert 1.0 < record["mean_accept_len"] <= depth + 1  # the replayed chain is accepted
+        assert record["tree_depth"] == depth and record["t_token_seconds"] > 0 and record["t_verify_seconds"] > 0
+        assert record["bound"] == pytest.approx(
+            record["mean_accept_len"] * record["t_token_seconds"] / record["t_verify_seconds"])
+        assert record["fraction_of_bound"] == pytest.approx(record["speedup"] / record["bound"])
+        skipped = oracle[depth, 1.0]
+        assert not skipped["available"] and "temperature 0 only" in skipped["note"]
+    for record in records:
+        speculative = record["method"] in ("oracle", "specvlm_tree") and record["available"]
+        if speculative:
+            fractions = record["time_fractions"]
+            assert set(fractions) == {"target_forward", "draft", "loop"} and sum(fractions.values()) == pytest.approx(1)
+            assert isinstance(record["exact_verification"], bool)
+        else:
+            assert record["time_fractions"] is None
+        if record["available"] and record["temperature"] == 0:
+            assert isinstance(record["divergences"], list)
+            assert len(record["divergences"]) == round((1 - record["exact_match"]) * 2)  # two prompts, batch 1
+        else:
+            assert record["divergences"] is None
+
+
+def test_noise_floor_and_report_sections(oracle_run):
+    meta = json.loads((oracle_run / "meta.json").read_text())
+    floor = meta["noise_floor"]
+    assert (floor["dtype"], floor["reference"], floor["prompts"]) == ("bfloat16", "float32", 2)
+    assert floor["rate"] == floor["diverging_prompts"] / 2 and len(floor["divergences"]) == floor["diverging_prompts"]
+    assert meta["dtype"] == "bfloat16" and meta["dtype_reason"] == "--dtype bfloat16"
+    assert meta["oracle_depths"] == [2, 4]
+    markdown = (oracle_run / "results.md").read_text()
+    assert "| Divergences | Time target / draft / loop | Exact verif. |" in markdown
+    assert "## Exactness (T = 0)" in markdown and "Noise floor of plain decoding: plain bfloat16" in markdown
+    assert "## Oracle (perfect draft)" in markdown and "| oracle:depth4 | 0 |" in markdown
+    for key in ("divergences", "noise_floor", "time_fractions", "bound", "fraction_of_bound", "oracle_depth"):
+        assert f"- `{key}`:" in markdown
+
+
+def test_resume_identifies_oracle_records_by_depth(tiny_bench_assets, tmp_path, monkeypatch):
+    from specvlm_hf.bench import runner
+
+    small = ("--methods", "generate", "oracle", "--temperature", "0", "--repeats", "1", "--max-prompts", "1",
+             "--no-calibrate", "--no-noise-floor")
+    assert main(_args(tiny_bench_assets, tmp_path, *small, "--oracle-depths", "2")) == 0
+    original, calls = runner._Caller.call, []
+
+    def counted(self, method, *args, **kwargs):
+        calls.append(method.label)
+        return original(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(runner._Caller, "call", counted)
+    assert main(_args(tiny_bench_assets, tmp_path, *small, "--oracle-depths", "2", "3", "--resume")) == 0
+    assert set(calls) == {"generate", "oracle:depth3"}  # depth 2 is kept, generate is the baseline of depth 3
+    records = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["method"], r["oracle_depth"]) for r in records] == [("generate", None), ("oracle", 2), ("oracle", 3)]
+
+
+def test_dtype_auto_is_the_default_and_recorded(tiny_bench_assets, tmp_path, monkeypatch, capsys):
+    from specvlm_hf import demo
+    from specvlm_hf.bench import cli as bench_cli
+
+    assert bench_cli.make_parser().parse_args([]).dtype == "auto"
+    monkeypatch.setattr(bench_cli, "choose_dtype",
+                        lambda name, device: demo.DtypeChoice(torch.float32, f"{name} on {device}: test policy"))
+    args = _args(tiny_bench_assets, tmp_path, "--methods", "generate", "--temperature", "0", "--repeats", "1",
+                 "--max-prompts", "1", "--no-calibrate")
+    args[args.index("--dtype") + 1] = "auto"
+    assert main(args) == 0
+    assert "[specvlm bench] dtype: float32 (auto on cpu: test policy)" in capsys.readouterr().err
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["dtype"] == meta["settings"]["dtype"] == "float32"  # the resolved dtype, compared by --resume
+    assert meta["dtype_reason"] == "auto on cpu: test policy" and meta["noise_floor"] is None

@@ -92,10 +92,10 @@ def test_interrupt_keeps_finished_records_and_resume_runs_only_the_rest(tiny_ben
     original = runner._Caller.call
     calls = []
 
-    def interrupted_at_t1(self, method, inputs, temperature, max_new_tokens, seed):
+    def interrupted_at_t1(self, method, inputs, temperature, max_new_tokens, seed, **kwargs):
         if temperature > 0:
             raise KeyboardInterrupt  # Ctrl-C during the second group
-        return original(self, method, inputs, temperature, max_new_tokens, seed)
+        return original(self, method, inputs, temperature, max_new_tokens, seed, **kwargs)
 
     monkeypatch.setattr(runner._Caller, "call", interrupted_at_t1)
     assert main(bench_args(tiny_bench_assets, tmp_path, *SMALL)) == 130
@@ -110,9 +110,9 @@ def test_interrupt_keeps_finished_records_and_resume_runs_only_the_rest(tiny_ben
     line = user_error_line(bench_args(tiny_bench_assets, tmp_path, *SMALL, "--resume", "--repeats", "2"), capsys)
     assert "measured with other settings (repeats: 1 before, 2 now)" in line
 
-    def counted(self, method, inputs, temperature, max_new_tokens, seed):
+    def counted(self, method, inputs, temperature, max_new_tokens, seed, **kwargs):
         calls.append((method.label, temperature))
-        return original(self, method, inputs, temperature, max_new_tokens, seed)
+        return original(self, method, inputs, temperature, max_new_tokens, seed, **kwargs)
 
     monkeypatch.setattr(runner._Caller, "call", counted)
     assert main(bench_args(tiny_bench_assets, tmp_path, *SMALL, "--resume")) == 0
@@ -142,13 +142,14 @@ def test_run_benchmark_skips_done_records_and_reports_each_group(tiny_bench_asse
     methods = build_methods(["prompt_lookup"])
     settings = BenchSettings(temperatures=[0.0, 1.0], batch_sizes=[1, 2], repeats=1)
     groups = []
-    done = {("generate", None, 0.0, 1), ("prompt_lookup", None, 0.0, 1), ("prompt_lookup", None, 1.0, 2)}
+    done = {("generate", None, None, 0.0, 1), ("prompt_lookup", None, None, 0.0, 1),
+            ("prompt_lookup", None, None, 1.0, 2)}
     records, runs, _ = runner.run_benchmark(target, processor, prompts, methods, settings, progress=False,
                                             done=done, on_records=groups.append)
     assert [[runner.record_key(r) for r in group] for group in groups] == [
-        [("generate", None, 1.0, 1), ("prompt_lookup", None, 1.0, 1)],
-        [("generate", None, 0.0, 2), ("prompt_lookup", None, 0.0, 2)],
-        [("generate", None, 1.0, 2)],  # generate still runs where it is the baseline of a missing record
+        [("generate", None, None, 1.0, 1), ("prompt_lookup", None, None, 1.0, 1)],
+        [("generate", None, None, 0.0, 2), ("prompt_lookup", None, None, 0.0, 2)],
+        [("generate", None, None, 1.0, 2)],  # generate still runs where it is the baseline of a missing record
     ]
     assert records == [r for group in groups for r in group]
     assert {(r.temperature, r.batch_size) for r in runs} == {(1.0, 1), (0.0, 2), (1.0, 2)}

@@ -3,7 +3,8 @@ lookup and assisted generation, with tree-budget calibration.
 
 Pieces: [`load_prompts`] / [`render_batch`] (the JSONL prompt format), [`build_methods`] (what runs),
 [`calibrate`] / [`choose_tree_budget`] (tree budget from measured costs and a pilot), [`run_benchmark`] (interleaved
-timed calls and aggregation, group by group, skipping the [`record_key`]s already measured), [`write_results`]
+timed calls and aggregation, group by group, skipping the [`record_key`]s already measured), the exactness audit
+([`PlainReference`], [`find_divergences`], [`measure_noise_floor`] in `specvlm_hf.bench.exactness`), [`write_results`]
 (`results.json`, `meta.json`, `results.md`, `results.png`), and the command line in `specvlm_hf.bench.cli`
 (`specvlm bench --help`).
 """
@@ -18,25 +19,30 @@ from .calibration import (
     choose_tree_budget,
     predict_speedup,
 )
+from .exactness import PlainReference, find_divergences, measure_noise_floor
 from .methods import METHODS, Method, TreeSettings, build_methods
 from .prompts import BenchPrompt, load_prompts, render_batch
 from .report import write_results
-from .runner import BenchSettings, interleaved_schedule, record_key, run_benchmark
+from .runner import BenchOutcome, BenchSettings, interleaved_schedule, record_key, run_benchmark
 
 __all__ = [
     "METHODS",
+    "BenchOutcome",
     "BenchPrompt",
     "BenchSettings",
     "CalibrationResult",
     "CostCurve",
     "Method",
+    "PlainReference",
     "TreeChoice",
     "TreeSettings",
     "build_methods",
     "calibrate",
     "choose_tree_budget",
+    "find_divergences",
     "interleaved_schedule",
     "load_prompts",
+    "measure_noise_floor",
     "predict_speedup",
     "record_key",
     "render_batch",

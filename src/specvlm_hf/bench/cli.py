@@ -6,6 +6,7 @@ specvlm bench --out bench-results                       # pocket VLM + its shipp
 specvlm bench --target llava-hf/llava-1.5-7b-hf --draft my-org/llava-draft --device cuda --batch-size 1 2 4
 specvlm bench --methods generate specvlm_tree --temperature 0 --repeats 1 --cap-new-tokens 32 --out smoke
 specvlm bench --methods specvlm_tree specvlm_tree_compressor --compressor-draft none=abl/none abl/pool abl/select
+specvlm bench --methods generate oracle specvlm_tree --temperature 0 --oracle-depths 2 4 8   # perfect-draft bound
 specvlm bench --out bench-results --resume              # after Ctrl-C: keep the finished records, run the rest
 ```
 
@@ -17,9 +18,9 @@ Every flag, the prompts file and `--out` are checked before any model loads; a m
 (`specvlm bench: error: ...`, exit status 2). `results.json` is rewritten atomically after every finished group of
 records (one batch size at one temperature) and `meta.json` is written first, so an interrupted run (Ctrl-C) leaves
 valid partial results, and `results.md` / `results.png` of what finished. An existing `results.json` is never
-overwritten: `--resume` keeps its records (identified by method, compressor variant, temperature and batch size,
-`specvlm_hf.bench.runner.record_key`) and runs only the missing ones, provided that the flags that change what a
-record measures ([`RESUME_SETTINGS`]) are the same; the tree knobs of the earlier run are reused.
+overwritten: `--resume` keeps its records (identified by method, compressor variant, oracle depth, temperature and
+batch size, `specvlm_hf.bench.runner.record_key`) and runs only the missing ones, provided that the flags that change
+what a record measures ([`RESUME_SETTINGS`]) are the same; the tree knobs of the earlier run are reused.
 
 Without `--target`/`--draft` it benchmarks the pocket VLM (`specvlm_hf.pocket.load_pocket_vlm`) with its shipped
 trained draft (`load_pocket_draft`) and, for `assisted`, the truncated-layer assistant of
@@ -35,6 +36,19 @@ main draft's config; without a main draft, the first variant's), so that only th
 without a compressor is the ablation's control (name it `none`). `results.md` then gets an "Ablation: elastic
 compressor" table (acceptance, speedup and the draft's prefill time, tokens, GFLOPs and KV cache per prompt).
 
+Dtype: `--dtype auto` (the default) runs bfloat16 where the device has native bf16 matrix units (CPU: AVX512-BF16 or
+AMX; CUDA: bf16 support) and the exact-verification probe passes, float32 otherwise
+(`specvlm_hf.demo.choose_dtype`); the choice and its reason are printed and recorded in `meta.json` (`dtype`,
+`dtype_reason`).
+
+Exactness audit (temperature 0): every record lists its `divergences` from plain `generate` (row, first differing
+token, the target's top-2 logit margin there), and in bfloat16/float16 the noise floor of plain decoding itself
+(against a float32 copy of the target, `meta.json["noise_floor"]`, `--no-noise-floor` skips it); see
+`specvlm_hf.bench.exactness`. The `oracle` method replays plain `generate`'s own output through the tree loop (a
+perfect draft) for each `--oracle-depths` value and reports the bound `mean_accept_len * t_token / t_verify` with
+`fraction_of_bound`; see `specvlm_hf.bench.methods` and `specvlm_hf.bench.runner.oracle_bound`. Every SpecVLM record
+carries `time_fractions` (target forwards / draft / the loop's own time) and `exact_verification`.
+
 What is measured and how (interleaved repetitions, time to first token, peak memory) is described in
 `specvlm_hf.bench.runner`; the tree calibration (cost curve + pilot on the first prompts at temperature 0, argmax of
 a modelled speedup) in `specvlm_hf.bench.calibration`. On a CPU shared with other jobs pass `--num-threads` below the
@@ -47,16 +61,17 @@ import argparse
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..demo import OneLineErrorParser, positive_int, require_pocket
+from ..demo import DTYPE_NAMES, OneLineErrorParser, choose_dtype, positive_int, require_pocket
 from ..errors import UserError, UserFileNotFoundError, UserValueError
 
 TREE_METHODS = ("specvlm_tree", "specvlm_tree_compressor")
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 TRUNCATED_PREFIX = "truncated:"
 #: The flags (as `meta.json["settings"]` keys) that must be the same for `--resume` to add records to earlier ones:
 #: everything that changes what a record measures, but not which records exist (methods, temperatures, batch sizes).
@@ -112,7 +127,7 @@ def _device(value: str) -> str:
 def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Builds (or fills) the `specvlm bench` argument parser."""
     from .calibration import DEFAULT_PILOT_BUDGETS
-    from .methods import METHODS
+    from .methods import DEFAULT_ORACLE_DEPTHS, METHODS
 
     examples = __doc__.split("```bash\n", 1)[1].split("```", 1)[0]
     parser = parser or OneLineErrorParser(
@@ -135,7 +150,9 @@ def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
                         f"'{TRUNCATED_PREFIX}K' for the target's first K layers (default with the pocket VLM: "
                         f"{TRUNCATED_PREFIX}<POCKET_ASSISTANT_LAYERS>)")
     models.add_argument("--device", type=_device, default="cpu", help="torch device (default: cpu)")
-    models.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="model dtype (default: bfloat16)")
+    models.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
+                        help="model dtype (default: auto = bfloat16 where the device has native bf16 matrix units, "
+                        "AVX512-BF16/AMX on CPUs, and the exact-verification probe passes; float32 otherwise)")
     models.add_argument("--attn-implementation", default=None,
                         help="attention of a --target (SpecVLM drafts need sdpa or eager; default: transformers' "
                         "choice, sdpa where the model supports it)")
@@ -164,6 +181,12 @@ def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
     run.add_argument("--num-assistant-tokens", type=positive_int, default=None,
                      help="assistant tokens per step of `assisted` (default: transformers' 20 with its adaptive "
                      "confidence threshold)")
+    run.add_argument("--oracle-depths", nargs="+", type=positive_int, default=list(DEFAULT_ORACLE_DEPTHS),
+                     metavar="D", help="chain lengths of the `oracle` method, one record each (default: "
+                     f"{' '.join(map(str, DEFAULT_ORACLE_DEPTHS))}; temperature 0 only)")
+    run.add_argument("--noise-floor", action=argparse.BooleanOptionalAction, default=True,
+                     help="in bfloat16/float16, measure how often plain decoding itself differs from float32 (a "
+                     "float32 copy of the target, same prompts, T=0; default: on)")
     run.add_argument("--num-threads", type=positive_int, default=None,
                      help="torch CPU threads (default: torch's); on a CPU shared with other jobs use fewer threads "
                      "than free cores: oversubscribed threads slow every forward down many times")
@@ -306,6 +329,23 @@ def load_assistant(spec: str, target: Any, dtype: torch.dtype, device: str) -> t
     return assistant.to(device).eval(), spec
 
 
+def _oracle_depths(args: argparse.Namespace, names: list[str]) -> list[int]:
+    """The `--oracle-depths` of the run, without repeats (none when `oracle` is not among the methods)."""
+    return list(dict.fromkeys(args.oracle_depths)) if "oracle" in names else []
+
+
+def _routing_draft(target: Any) -> Any:
+    """An untrained SpecVLM draft built for `target`: it only routes `oracle` calls to the tree loop (the replay
+    drafter proposes the tokens, the draft's weights are never used)."""
+    from ..models import SpecVLMDraftModel
+
+    parameter = target.get_output_embeddings().weight
+    with torch.random.fork_rng(devices=[]):  # leaves the benchmark's random state alone
+        torch.manual_seed(0)
+        draft = SpecVLMDraftModel.from_target(target)
+    return draft.to(device=parameter.device, dtype=parameter.dtype).eval()
+
+
 def _check_pocket(want_draft: bool) -> None:
     """Before anything loads: the pocket VLM's packages, and its shipped draft when a SpecVLM method needs it."""
     require_pocket("specvlm bench without --target (the pocket VLM)", "or pass --target and --draft")
@@ -417,8 +457,9 @@ def main(argv: list[str] | None = None) -> int:
         variant_specs = []
     settings = BenchSettings(
         temperatures=args.temperature, batch_sizes=args.batch_size, repeats=args.repeats, seed=args.seed,
-        top_k=args.top_k, top_p=args.top_p, cap_new_tokens=args.cap_new_tokens,
+        top_k=args.top_k, top_p=args.top_p, cap_new_tokens=args.cap_new_tokens, noise_floor=args.noise_floor,
     )
+    oracle_depths = _oracle_depths(args, names)
     wants_draft = any(name in ("specvlm_chain", "specvlm_tree") for name in names)
     # the compressor variants take the main draft's tree knobs (calibrated or its config) when there is one
     knobs_draft = bool(variant_specs) and (args.draft is not None or args.target is None)
@@ -450,12 +491,15 @@ def main(argv: list[str] | None = None) -> int:
         prompts = prompts[: args.max_prompts]
     out = prepare_output_dir(args.out, resume=args.resume)
     previous_records, previous_meta = read_previous_run(out) if args.resume else ([], None)
+    dtype_choice = choose_dtype(args.dtype, args.device)  # `auto` resolved: records measure the resolved dtype
+    args.dtype = dtype_choice.name
     run_settings = _run_settings(args, prompts_file, len(prompts), variant_specs)
     if previous_records:
         check_resumable(previous_meta, run_settings, out)
     else:
         previous_meta = None
     done = {record_key(r) for r in previous_records}
+    print(f"[specvlm bench] dtype: {dtype_choice.name} ({dtype_choice.reason})", file=sys.stderr)
 
     meta: dict[str, Any] = {
         "status": "loading models",
@@ -466,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         "resumed_records": len(previous_records),
         "device": args.device,
         "dtype": args.dtype,
+        "dtype_reason": dtype_choice.reason,
         "prompts_file": str(prompts_file),
         "num_prompts": len(prompts),
         "repeats": args.repeats,
@@ -480,10 +525,13 @@ def main(argv: list[str] | None = None) -> int:
         "ttft_method": "plain generate with max_new_tokens=1 per batch of prompts and repetition (median)",
         "calibration": (previous_meta or {}).get("calibration"),
         "tree_knobs_used": (previous_meta or {}).get("tree_knobs_used"),
+        "oracle_depths": oracle_depths or None,
+        "noise_floor": (previous_meta or {}).get("noise_floor"),
         "conventions": CONVENTIONS,
     }
     records = list(previous_records)
-    if previous_records and not expected_record_keys(names, variant_specs, settings) - done:
+    expected = expected_record_keys(names, variant_specs, settings, oracle_depths=oracle_depths)
+    if previous_records and not expected - done:
         print(f"[specvlm bench] --resume: every record of this run is already in {out / 'results.json'}; "
               "nothing to measure (only the report is rewritten)", file=sys.stderr)
         write_results(out, records, {**(previous_meta or meta), "status": "complete"})
@@ -516,20 +564,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def expected_record_keys(names: list[str], variant_specs: list[tuple[str, str]], settings: Any,
-                         methods: tuple[str, ...] | None = None) -> set[tuple]:
+                         methods: tuple[str, ...] | None = None, oracle_depths: Sequence[int] = ()) -> set[tuple]:
     """
     The [`~specvlm_hf.bench.runner.record_key`]s a run of `names` (plain `generate` included) will write, known
-    before any model loads: one per method (one per compressor variant for `specvlm_tree_compressor`), temperature and
-    batch size; `methods` keeps only those methods.
+    before any model loads: one per method (one per compressor variant for `specvlm_tree_compressor`, one per depth of
+    `oracle_depths` for `oracle`), temperature and batch size; `methods` keeps only those methods.
     """
-    pairs: list[tuple[str, str | None]] = [("generate", None)]
+    triples: list[tuple[str, str | None, int | None]] = [("generate", None, None)]
     for name in names:
         if name == "specvlm_tree_compressor":
-            pairs += [(name, variant) for variant, _ in variant_specs] or [(name, None)]
+            triples += [(name, variant, None) for variant, _ in variant_specs] or [(name, None, None)]
+        elif name == "oracle":
+            triples += [(name, None, int(depth)) for depth in oracle_depths]
         elif name != "generate":
-            pairs.append((name, None))
-    return {(method, variant, float(t), int(b)) for method, variant in pairs if methods is None or method in methods
-            for t in settings.temperatures for b in settings.batch_sizes}
+            triples.append((name, None, None))
+    return {(method, variant, depth, float(t), int(b)) for method, variant, depth in triples
+            if methods is None or method in methods for t in settings.temperatures for b in settings.batch_sizes}
 
 
 def _measure(
@@ -572,6 +622,10 @@ def _measure(
               "records only measure compressor-less drafts", file=sys.stderr)
     if args.assistant is not None and "assisted" in names:
         assistant, assistant_note = load_assistant(args.assistant, target, dtype, args.device)
+    oracle_depths = _oracle_depths(args, names)
+    oracle_draft = None
+    if oracle_depths:  # any SpecVLM draft routes the replay; without one, an untrained draft built for the target
+        oracle_draft = draft if draft is not None else _routing_draft(target)
     meta.update(
         status="running",
         target=target_name,
@@ -623,7 +677,7 @@ def _measure(
     methods = build_methods(
         names, draft=draft, compressor_drafts=compressor_drafts, assistant=assistant, assistant_note=assistant_note,
         tree=tree, chain_depth=args.chain_depth, prompt_lookup_num_tokens=args.prompt_lookup_num_tokens,
-        num_assistant_tokens=args.num_assistant_tokens,
+        num_assistant_tokens=args.num_assistant_tokens, oracle_draft=oracle_draft, oracle_depths=oracle_depths,
     )
     labels = [m.label for m in methods]
     meta["methods"] = [m.name for m in methods]
@@ -636,9 +690,12 @@ def _measure(
         records[:] = _order_records(records + group, labels, settings)
         write_records(out, records, meta)
 
-    _, runs, _ = run_benchmark(target, processor, prompts, methods, settings, progress=not args.no_progress,
-                               done=done, on_records=save)
-    meta["timed_calls"] = len(runs)
+    outcome = run_benchmark(target, processor, prompts, methods, settings, progress=not args.no_progress, done=done,
+                            on_records=save)
+    meta["timed_calls"] = len(outcome.runs)
+    if outcome.noise_floor is not None:  # else (float32, --no-noise-floor, T = 0 already measured) as it was
+        meta["noise_floor"] = outcome.noise_floor
+    write_records(out, records, meta)
 
 
 def _summary_line(record: dict) -> str:
@@ -652,6 +709,10 @@ def _summary_line(record: dict) -> str:
         f"speedup {show(record.get('speedup'), 'x'):>6}  accept {show(record.get('mean_accept_len')):>5}  "
         f"exact {show(record.get('exact_match'))}"
     )
+    if record.get("divergences"):
+        line += f"  diverging rows {len(record['divergences'])}"
+    if record.get("bound") is not None:
+        line += f"  bound {record['bound']:.2f}x (fraction {show(record.get('fraction_of_bound'))})"
     if record.get("note") and not record.get("available"):
         line += f"  ({record['note']})"
     return line

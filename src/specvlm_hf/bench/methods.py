@@ -8,10 +8,19 @@
 | `specvlm_chain` | the SpecVLM draft drafting a chain: `tree_top_k=1`, `tree_total_tokens=tree_depth` |
 | `specvlm_tree` | the SpecVLM draft with its tree knobs (from its config, or calibrated) |
 | `specvlm_tree_compressor` | each compressor variant's draft (`--compressor-draft NAME=PATH ...`), same knobs |
+| `oracle` | a perfect draft: the tree loop replaying plain `generate`'s own greedy output of the same call |
 
 `specvlm_tree_compressor` is the elastic-compressor ablation: every variant draft (typically one per compressor
 configuration, plus a compressor-less control named `none`) becomes its own [`Method`] with `variant=NAME` and the
 label `compressor:NAME`, and all of them use the tree knobs of `specvlm_tree`, so that only the compressor differs.
+
+`oracle` (issue #9) measures what the tree loop gives with a draft that is always right: at temperature 0 it replays
+the plain reference of the same call (`specvlm_hf.bench.exactness.PlainReference`, plain `generate`'s own tokens)
+through `generate(..., assistant_model=draft, tree_drafter=ReplayDrafterFactory(references), tree_depth=d)`, which
+proposes the next `d` reference tokens as a chain plus one decoy sibling per depth (a fixed tree:
+`tree_adaptive=False`, `tree_ngram_tokens=0`). One [`Method`] per depth of
+`--oracle-depths` (`oracle_depth=d`, label `oracle:depthD`); the draft only routes the call (the main draft when there
+is one, else an untrained `SpecVLMDraftModel.from_target(target)`). It is skipped, with a note, at temperature > 0.
 
 A method that cannot run (no assistant, no compressor draft, or batch size > 1 for transformers' own assisted
 decoding) is kept in the report with a note saying why, instead of disappearing.
@@ -27,6 +36,7 @@ from typing import Any
 from ..errors import UserValueError
 
 __all__ = [
+    "DEFAULT_ORACLE_DEPTHS",
     "METHODS",
     "Method",
     "TreeSettings",
@@ -44,9 +54,13 @@ METHODS: tuple[str, ...] = (
     "specvlm_chain",
     "specvlm_tree",
     "specvlm_tree_compressor",
+    "oracle",
 )
 #: Methods whose statistics come from the SpecVLM tree loop (`out.speculation`).
-SPECVLM_METHODS = ("specvlm_chain", "specvlm_tree", "specvlm_tree_compressor")
+SPECVLM_METHODS = ("specvlm_chain", "specvlm_tree", "specvlm_tree_compressor", "oracle")
+#: `--oracle-depths` default: chain lengths of the `oracle` method.
+DEFAULT_ORACLE_DEPTHS = (2, 4, 6, 8)
+ORACLE_T_NOTE = "skipped: the oracle replays plain generate's greedy output, so it runs at temperature 0 only"
 #: Methods that run transformers' own `_assisted_decoding` (batch size 1 only in transformers 5.23).
 TRANSFORMERS_ASSISTED_METHODS = ("prompt_lookup", "assisted")
 
@@ -77,6 +91,7 @@ class Method:
         unsupported_batch_sizes (`dict[int, str]`): batch sizes at which it failed during warm-up, with the error.
         variant (`str`, *optional*): name of the compressor variant (`specvlm_tree_compressor` only); several methods
             of the same `name` differ by it.
+        oracle_depth (`int`, *optional*): chain length of an `oracle` method (one method per depth).
     """
 
     name: str
@@ -86,11 +101,22 @@ class Method:
     tree: TreeSettings | None = None
     unsupported_batch_sizes: dict[int, str] = field(default_factory=dict)
     variant: str | None = None
+    oracle_depth: int | None = None
 
     @property
     def label(self) -> str:
-        """Unique name of the method within a run: `name`, or `compressor:VARIANT` for a compressor variant."""
-        return _label(self.name, self.variant)
+        """Unique name of the method within a run: `name`, `compressor:VARIANT` for a compressor variant, or
+        `oracle:depthD` for an oracle depth."""
+        return _label(self.name, self.variant, self.oracle_depth)
+
+    @property
+    def is_oracle(self) -> bool:
+        """Whether the method replays the plain reference (`tree_drafter=ReplayDrafterFactory(...)` per call)."""
+        return self.name == "oracle"
+
+    def runs_at_temperature(self, temperature: float) -> bool:
+        """The oracle replays greedy output: temperature 0 only; every other method runs at any temperature."""
+        return not (self.is_oracle and temperature > 0)
 
     @property
     def draft(self) -> Any:
@@ -109,15 +135,18 @@ class Method:
         return self.available and batch_size not in self.unsupported_batch_sizes
 
 
-def _label(name: str, variant: str | None) -> str:
+def _label(name: str, variant: str | None, oracle_depth: int | None = None) -> str:
+    if oracle_depth is not None:
+        name = f"{name}:depth{oracle_depth}"
     if variant is None:
         return name
     return f"{'compressor' if name == 'specvlm_tree_compressor' else name}:{variant}"
 
 
 def record_label(record: Mapping[str, Any]) -> str:
-    """The label of a result record (`method`, or `compressor:VARIANT` for a compressor variant)."""
-    return _label(record["method"], record.get("variant"))
+    """The label of a result record (`method`, `compressor:VARIANT` for a compressor variant, `oracle:depthD` for an
+    oracle depth)."""
+    return _label(record["method"], record.get("variant"), record.get("oracle_depth"))
 
 
 def parse_variant_specs(values: Sequence[str]) -> list[tuple[str, str]]:
@@ -185,6 +214,8 @@ def build_methods(
     chain_depth: int | None = None,
     prompt_lookup_num_tokens: int = 10,
     num_assistant_tokens: int | None = None,
+    oracle_draft: Any = None,
+    oracle_depths: Sequence[int] = DEFAULT_ORACLE_DEPTHS,
 ) -> list[Method]:
     """
     Builds the methods to benchmark; `generate` is always included (first) because every ratio is relative to it.
@@ -202,6 +233,9 @@ def build_methods(
         prompt_lookup_num_tokens (`int`, *optional*, defaults to 10): candidate tokens per prompt-lookup step.
         num_assistant_tokens (`int`, *optional*): assistant tokens per step (default: the assistant's generation config,
             transformers' default 20 with its adaptive confidence threshold).
+        oracle_draft (`SpecVLMDraftModel`, *optional*): the draft that routes the `oracle` calls (default: `draft`);
+            its weights are never used.
+        oracle_depths (`Sequence[int]`, *optional*, defaults to `(2, 4, 6, 8)`): one `oracle` method per depth.
 
     Returns:
         `list[Method]`.
@@ -229,6 +263,22 @@ def build_methods(
                 if num_assistant_tokens is not None:
                     assistant.generation_config.num_assistant_tokens = num_assistant_tokens
                 methods.append(Method(name, {"assistant_model": assistant}, note=assistant_note))
+        elif name == "oracle":
+            router = oracle_draft if oracle_draft is not None else draft
+            for depth in dict.fromkeys(int(d) for d in oracle_depths):
+                if router is None:
+                    methods.append(Method(name, available=False, oracle_depth=depth,
+                                          note="no SpecVLM draft to route the oracle through"))
+                    continue
+                settings = TreeSettings(2, depth, 2 * depth)  # the replayed chain plus one decoy per depth
+                # a fixed tree of exactly the replayed chain: no adaptive sizing, no n-gram branch merged into it
+                fixed = {"tree_adaptive": False, "tree_ngram_tokens": 0}
+                methods.append(Method(
+                    name, {"assistant_model": router, **settings.as_kwargs(), **fixed}, tree=settings,
+                    oracle_depth=depth,
+                    note=f"perfect draft: replays plain generate's greedy output, chain of {depth} + one decoy per "
+                    "depth",
+                ))
         elif name in ("specvlm_chain", "specvlm_tree"):
             if draft is None:
                 methods.append(Method(name, available=False, note="no SpecVLM draft: pass --draft PATH"))

@@ -5,9 +5,11 @@
 folder, then `os.replace`) after every finished group of records, so that it is always valid JSON and an interrupted
 run keeps what it finished (`specvlm bench --resume` runs the rest); `meta.json` holds the run's metadata (status,
 date, hardware, versions, models, prompts, settings, conventions) and the tree calibration, written before the models
-load and updated as the run goes; `results.md` renders both as Markdown (with an "Ablation: elastic compressor" table
-when `specvlm_tree_compressor` variants ran); `results.png` draws the speedups, the acceptance per depth and, when
-calibrated, the cost curve and the modelled speedup by tree budget. Both are written at the end, and on an interrupt.
+load and updated as the run goes; `results.md` renders both as Markdown (with an "Exactness (T = 0)" section: the
+noise floor and each method's divergences from plain `generate`; an "Oracle (perfect draft)" table when `oracle` ran;
+an "Ablation: elastic compressor" table when `specvlm_tree_compressor` variants ran); `results.png` draws the
+speedups, the acceptance per depth and, when calibrated, the cost curve and the modelled speedup by tree budget. Both
+are written at the end, and on an interrupt.
 """
 
 from __future__ import annotations
@@ -73,6 +75,26 @@ CONVENTIONS = {
     "(compressor_metrics.draft_kv_bytes, draft dtype)",
     "compressor_choices": "SpecVLM methods: the compressor's choices summed over calls (primitive -> count; 'none' "
     "for concat mode); {} when no compressor ran",
+    "divergences": "at temperature 0, one entry per output row not token-identical to the plain reference (plain "
+    "generate of the same batch, run once untimed with output_logits=True): prompt (index in the prompts file), row "
+    "(in its batch), first_diff (generated-token index), margin (the target's top-1 minus top-2 logit there under "
+    "plain decoding; a few hundredths = a near tie that rounding can flip) and diverging_runs; [] when every row is "
+    "identical; null at T > 0",
+    "noise_floor": "meta.json, bfloat16/float16 runs: plain greedy decoding in the bench dtype against plain greedy "
+    "decoding of a float32 copy of the target (same weights, upcast; same prompts and batches, T = 0): "
+    "diverging_prompts / prompts = rate, with each divergence (margin in the bench dtype, margin_float32)",
+    "time_fractions": "SpecVLM methods: shares of the calls' wall time in the target's forwards (target_forward, "
+    "prefill included), the draft's forwards (draft) and the loop's own work (loop), each summed over the calls and "
+    "divided by their summed out.speculation.total_seconds; they sum to 1",
+    "exact_verification": "SpecVLM methods: whether every call verified with the exact row-wise attention "
+    "(out.speculation.exact_verification; bf16/fp16 greedy output then equals plain decoding bit for bit)",
+    "oracle_depth": "oracle only: the replayed chain length (a perfect draft: plain generate's own greedy output as a "
+    "chain plus one decoy per depth, ReplayDrafterFactory); T = 0 only",
+    "bound": "oracle only: mean_accept_len * t_token / t_verify, the decode speedup a perfect draft gives when "
+    "drafting and the loop cost nothing; t_token_seconds = plain generate's (wall time - time to first token) / "
+    "tokens after each row's first, t_verify_seconds = (target_seconds - target_prefill_seconds) / target_forwards "
+    "of the oracle's out.speculation, both from the same run",
+    "fraction_of_bound": "oracle only: speedup / bound (decode_fraction_of_bound: decode_speedup / bound)",
 }
 
 
@@ -146,8 +168,9 @@ def render_markdown(records: list[dict], meta: dict) -> str:
     gpu = f", GPU {hw['gpu']}" if hw.get("gpu") else ""
     hardware = f"{hw.get('cpu_model')} ({hw.get('cpu_count')} cores, {hw.get('torch_threads')} torch threads){gpu}"
     software = f"torch {sw.get('torch')}, transformers {sw.get('transformers')}, specvlm-hf {sw.get('specvlm_hf')}"
+    reason = f" ({meta['dtype_reason']})" if meta.get("dtype_reason") else ""
     settings = (
-        f"Device {meta.get('device')}, dtype {meta.get('dtype')}; prompts: {meta.get('prompts_file')} "
+        f"Device {meta.get('device')}, dtype {meta.get('dtype')}{reason}; prompts: {meta.get('prompts_file')} "
         f"({meta.get('num_prompts')} prompts); repetitions: {meta.get('repeats')}; sampling at T > 0: "
         f"top_k={meta.get('top_k')}, top_p={meta.get('top_p')}"
     )
@@ -162,9 +185,10 @@ def render_markdown(records: list[dict], meta: dict) -> str:
     for batch_size in sorted({r["batch_size"] for r in records}):
         header = (
             "| Method | T | Speedup | Decode speedup | Tokens/s | Accept len (incl. bonus) | (excl.) | Exact match "
-            "| Peak MiB (+ over baseline) | Tree (k/depth/nodes) | Note |"
+            "| Divergences | Time target / draft / loop | Exact verif. | Peak MiB (+ over baseline) "
+            "| Tree (k/depth/nodes) | Note |"
         )
-        lines += [f"## Batch size {batch_size}", "", header, "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"## Batch size {batch_size}", "", header, "|---" * 14 + "|"]
         for r in (r for r in records if r["batch_size"] == batch_size):
             tree = f"{r['tree_top_k']}/{r['tree_depth']}/{r['tree_total_tokens']}" if r.get("tree_depth") else "–"
             note = (r.get("note") or "").replace("|", "/").replace("\n", " ")
@@ -172,10 +196,14 @@ def render_markdown(records: list[dict], meta: dict) -> str:
                 f"| {record_label(r)} | {r['temperature']:g} | {_fmt(r.get('speedup'), suffix='×')} "
                 f"| {_fmt(r.get('decode_speedup'), suffix='×')} | {_fmt(r.get('tokens_per_s'), 1)} "
                 f"| {_fmt(r.get('mean_accept_len'))} | {_fmt(r.get('mean_accept_len_no_bonus'))} "
-                f"| {_fmt(r.get('exact_match'))} | {_fmt(r.get('peak_memory_mib'), 0)} "
-                f"(+{_fmt(r.get('peak_memory_increase_mib'), 1)}) | {tree} | {note} |"
+                f"| {_fmt(r.get('exact_match'))} | {_divergence_summary(r.get('divergences'))} "
+                f"| {_fractions(r.get('time_fractions'))} | {_yes_no(r.get('exact_verification'))} "
+                f"| {_fmt(r.get('peak_memory_mib'), 0)} (+{_fmt(r.get('peak_memory_increase_mib'), 1)}) | {tree} "
+                f"| {note} |"
             )
         lines.append("")
+    lines += _exactness_section(records, meta)
+    lines += _oracle_table(records)
     lines += _ablation_table(records)
     calibration = meta.get("calibration")
     if calibration:
@@ -219,6 +247,98 @@ def render_markdown(records: list[dict], meta: dict) -> str:
     lines += [f"- `{key}`: {text}" for key, text in CONVENTIONS.items()]
     lines.append("")
     return "\n".join(lines)
+
+
+def _divergence_summary(divergences: list[dict] | None) -> str:
+    """`0`, or the count with the smallest margin at a first difference (`–` when not measured)."""
+    if divergences is None:
+        return "–"
+    if not divergences:
+        return "0"
+    margins = [d["margin"] for d in divergences if d.get("margin") is not None]
+    return f"{len(divergences)} (min margin {min(margins):.3g})" if margins else str(len(divergences))
+
+
+def _fractions(fractions: dict[str, float] | None) -> str:
+    if not fractions:
+        return "–"
+    return " / ".join(f"{fractions.get(key, 0.0):.2f}" for key in ("target_forward", "draft", "loop"))
+
+
+def _yes_no(value: bool | None) -> str:
+    return "–" if value is None else ("yes" if value else "no")
+
+
+def _divergence_list(divergences: list[dict]) -> str:
+    shown = [
+        f"prompt {d['prompt']} (row {d['row']}): token {d['first_diff']}, margin {_fmt(d.get('margin'), 3)}"
+        + (f", float32 margin {_fmt(d.get('margin_float32'), 3)}" if "margin_float32" in d else "")
+        for d in divergences[:12]
+    ]
+    more = f"; and {len(divergences) - 12} more" if len(divergences) > 12 else ""
+    return "; ".join(shown) + more
+
+
+def _exactness_section(records: list[dict], meta: dict) -> list[str]:
+    """The "Exactness (T = 0)" section: the noise floor of plain decoding and every method's divergences."""
+    audited = [r for r in records if r.get("divergences") is not None]
+    floor = meta.get("noise_floor")
+    if not audited and not floor:
+        return []
+    lines = ["## Exactness (T = 0)", ""]
+    if floor and floor.get("prompts"):
+        lines.append(
+            f"Noise floor of plain decoding: plain {floor['dtype']} differs from plain {floor['reference']} (a "
+            f"{floor['reference']} copy of the target, same weights) on {floor['diverging_prompts']} of "
+            f"{floor['prompts']} prompts (rate {floor['rate']:.2f}, batch size {floor.get('batch_size')})"
+            + (f": {_divergence_list(floor['divergences'])}." if floor.get("divergences") else ".")
+        )
+        lines.append("")
+    elif meta.get("dtype") == "float32":
+        lines += ["Noise floor: not measured (the bench runs in float32).", ""]
+    if audited:
+        lines += [
+            "Rows not token-identical to plain generate (its logits give the margin: top-1 minus top-2 logit at the "
+            "first differing token).",
+            "",
+            "| Method | Batch | Exact match | Diverging rows | First differences (prompt: token, margin) |",
+            "|---|---|---|---|---|",
+        ]
+        for r in audited:
+            detail = _divergence_list(r["divergences"]) if r["divergences"] else "–"
+            lines.append(f"| {record_label(r)} | {r['batch_size']} | {_fmt(r.get('exact_match'))} "
+                         f"| {len(r['divergences'])} | {detail} |")
+        lines.append("")
+    return lines
+
+
+def _oracle_table(records: list[dict]) -> list[str]:
+    """The "Oracle (perfect draft)" section: per depth, acceptance, speedups, the measured bound and its fraction."""
+    oracle = [r for r in records if r["method"] == "oracle" and r.get("available")]
+    if not oracle:
+        return []
+    lines = [
+        "## Oracle (perfect draft)",
+        "",
+        "Plain generate's own greedy output replayed through the tree loop (a chain of `depth` tokens plus one decoy "
+        "per depth). Bound = accept len × t_token / t_verify, measured in the same run; fraction = speedup / bound.",
+        "",
+        "| Depth | Batch | Accept len | Speedup | Decode speedup | t_token ms | t_verify ms | Bound | Fraction of "
+        "bound (decode) | Time target / draft / loop | Exact verif. |",
+        "|---" * 11 + "|",
+    ]
+    for r in oracle:
+        t_token, t_verify = r.get("t_token_seconds"), r.get("t_verify_seconds")
+        lines.append(
+            f"| {r['oracle_depth']} | {r['batch_size']} | {_fmt(r.get('mean_accept_len'))} "
+            f"| {_fmt(r.get('speedup'), suffix='×')} | {_fmt(r.get('decode_speedup'), suffix='×')} "
+            f"| {_fmt(t_token * 1000 if t_token else None, 1)} | {_fmt(t_verify * 1000 if t_verify else None, 1)} "
+            f"| {_fmt(r.get('bound'), suffix='×')} | {_fmt(r.get('fraction_of_bound'))} "
+            f"({_fmt(r.get('decode_fraction_of_bound'))}) | {_fractions(r.get('time_fractions'))} "
+            f"| {_yes_no(r.get('exact_verification'))} |"
+        )
+    lines.append("")
+    return lines
 
 
 def _choices(histogram: dict[str, int] | None) -> str:
@@ -459,7 +579,7 @@ def read_previous_run(out_dir: str | Path) -> tuple[list[dict], dict | None]:
             raise UserValueError(
                 f"{results} is not valid JSON ({error}); it was not written by specvlm bench: choose another --out"
             ) from None
-        required = [key for key in RECORD_KEY_FIELDS if key != "variant"]
+        required = [key for key in RECORD_KEY_FIELDS if key not in ("variant", "oracle_depth")]  # optional fields
         if not isinstance(records, list) or not all(
             isinstance(r, dict) and all(key in r for key in required) for r in records
         ):

@@ -13,13 +13,24 @@ so an interrupted run keeps every finished group, see [`run_benchmark`]):
 3. each call is timed end to end (`generate` wall time, vision encoding and prefill included); at temperature `T > 0`
    every method of a batch starts from the same `torch.manual_seed`.
 
+At temperature 0, before the warm-up, each batch of prompts runs once more, untimed, through plain `generate` with
+`output_logits=True` ([`~specvlm_hf.bench.exactness.PlainReference`]): the reference of the exactness audit
+(`divergences`) and the continuation the `oracle` method replays. After every group, when the target runs in bfloat16
+or float16 and [`BenchSettings.noise_floor`] is on, the noise floor of plain decoding (reduced precision against a
+float32 copy of the target, same prompts, T = 0) is measured once, on the first batch size
+([`~specvlm_hf.bench.exactness.measure_noise_floor`]).
+
 Aggregation per method, temperature and batch size ([`aggregate`]): `speedup` = summed plain `generate` time / summed
 method time over the same calls; `decode_speedup` = the same after subtracting the batch's time to first token
 (median over repetitions) from both; `tokens_per_s`; `mean_accept_len` (bonus token included) and
 `mean_accept_len_no_bonus`; `acceptance_per_depth` (SpecVLM methods); `exact_match` at `T = 0` (fraction of rows whose
-tokens equal plain `generate`'s in the same repetition), `None` at `T > 0`; peak memory; for SpecVLM methods the draft's
-prefill cost per prompt (`draft_prefill_ms`, `draft_prefill_tokens`, `draft_prefill_gflops`, `draft_kv_mib`) and the
-compressor's choices (`compressor_choices`).
+tokens equal plain `generate`'s in the same repetition), `None` at `T > 0`; `divergences` at `T = 0` (each row that
+differs from the plain reference, with the first differing token and the target's top-2 margin there); peak memory;
+for SpecVLM methods the draft's prefill cost per prompt (`draft_prefill_ms`, `draft_prefill_tokens`,
+`draft_prefill_gflops`, `draft_kv_mib`), the compressor's choices (`compressor_choices`), `time_fractions` (target
+forwards / draft / the loop's own time, from `out.speculation`, time-weighted over the method's calls) and
+`exact_verification`; for `oracle` records the bound `mean_accept_len * t_token / t_verify` and `fraction_of_bound`
+([`oracle_bound`]).
 
 Methods are identified by their label (`Method.label`: the method name, or `compressor:VARIANT` for each compressor
 variant), so the variants of `specvlm_tree_compressor` are warmed up, interleaved and aggregated like any other method.
@@ -40,20 +51,24 @@ import torch
 from ..errors import UserValueError
 from ..generation.stats import SpeculationStats
 from ..models.compressor_metrics import draft_kv_bytes, draft_prefill_flops
-from .methods import Method
+from .exactness import PlainReference, eos_token_ids, find_divergences, generated_rows, measure_noise_floor
+from .methods import ORACLE_T_NOTE, Method
 from .prompts import BenchPrompt, render_batch
 
 __all__ = [
     "RECORD_KEY_FIELDS",
+    "BenchOutcome",
     "BenchSettings",
     "PeakMemory",
     "RunResult",
     "ScheduleItem",
     "aggregate",
     "interleaved_schedule",
+    "oracle_bound",
     "record_key",
     "rotated",
     "run_benchmark",
+    "time_fractions",
 ]
 
 
@@ -71,6 +86,8 @@ class BenchSettings:
         top_p (`float`): `top_p` when sampling (1.0 = off).
         warmup_tokens (`int`): `max_new_tokens` of the warm-up calls.
         cap_new_tokens (`int`, *optional*): upper bound on every prompt's `max_new_tokens`.
+        noise_floor (`bool`): measure the noise floor of plain decoding (reduced precision against a float32 copy of
+            the target) when the target runs in bfloat16 / float16.
     """
 
     temperatures: list[float] = field(default_factory=lambda: [0.0, 1.0])
@@ -81,6 +98,7 @@ class BenchSettings:
     top_p: float = 1.0
     warmup_tokens: int = 8
     cap_new_tokens: int | None = None
+    noise_floor: bool = True
 
     def __post_init__(self):
         if not self.temperatures or any(t < 0 for t in self.temperatures):
@@ -239,24 +257,6 @@ class RunResult:
         return sum(len(row) for row in self.outputs)
 
 
-def _eos_ids(target: Any) -> set[int]:
-    eos = getattr(target.generation_config, "eos_token_id", None)
-    if eos is None:
-        return set()
-    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
-
-
-def _rows(sequences: torch.Tensor, prompt_len: int, eos_ids: set[int]) -> list[list[int]]:
-    rows = []
-    for row in sequences[:, prompt_len:].tolist():
-        for i, token in enumerate(row):
-            if token in eos_ids:
-                row = row[: i + 1]
-                break
-        rows.append(row)
-    return rows
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -280,15 +280,22 @@ class _Caller:
         self.target = target
         self.settings = settings
         self.device = target.get_output_embeddings().weight.device
-        self.eos_ids = _eos_ids(target)
+        self.eos_ids = eos_token_ids(target)
         self.memory = PeakMemory(self.device)
         self.counter = _ForwardCounter(target)
 
     def close(self) -> None:
         self.counter.close()
 
-    def call(self, method: Method, inputs: dict, temperature: float, max_new_tokens: int, seed: int):
+    def call(self, method: Method, inputs: dict, temperature: float, max_new_tokens: int, seed: int,
+             reference: PlainReference | None = None):
         kwargs = _generate_kwargs(method, temperature, max_new_tokens, self.settings)
+        if method.is_oracle:
+            if reference is None:
+                raise ValueError("the oracle method needs the plain reference of its batch (temperature 0)")
+            from ..generation.drafters import ReplayDrafterFactory
+
+            kwargs["tree_drafter"] = ReplayDrafterFactory(reference.replay)
         torch.manual_seed(seed)
         baseline = self.memory.reset()
         self.counter.count = 0
@@ -300,8 +307,12 @@ class _Caller:
         peak = self.memory.read()
         sequences = out.sequences if kwargs.get("return_dict_in_generate") else out
         stats = getattr(out, "speculation", None) if method.is_specvlm else None
-        rows = _rows(sequences, inputs["input_ids"].shape[1], self.eos_ids)
+        rows = generated_rows(sequences, inputs["input_ids"].shape[1], self.eos_ids)
         return seconds, rows, self.counter.count, stats, peak, max(peak - baseline, 0)
+
+    def reference(self, inputs: dict, max_new_tokens: int) -> PlainReference:
+        """The untimed plain greedy call of a batch, with its logits reduced to margins."""
+        return PlainReference.run(self.target, inputs, max_new_tokens, self.eos_ids)
 
     def ttft(self, inputs: dict) -> float:
         _sync(self.device)
@@ -311,27 +322,58 @@ class _Caller:
         return time.perf_counter() - start
 
 
-#: The fields that identify a result record: one record per method (and compressor variant), temperature and batch
-#: size. `specvlm bench --resume` skips the records whose key is already in `results.json`.
-RECORD_KEY_FIELDS = ("method", "variant", "temperature", "batch_size")
+#: The fields that identify a result record: one record per method (compressor variant, oracle depth), temperature and
+#: batch size. `specvlm bench --resume` skips the records whose key is already in `results.json`.
+RECORD_KEY_FIELDS = ("method", "variant", "oracle_depth", "temperature", "batch_size")
 
 
-def record_key(record: Mapping[str, Any]) -> tuple[str, str | None, float, int]:
+def record_key(record: Mapping[str, Any]) -> tuple[str, str | None, int | None, float, int]:
     """
-    The identity of a result record: `(method, variant, temperature, batch_size)` (see [`RECORD_KEY_FIELDS`]).
+    The identity of a result record: `(method, variant, oracle_depth, temperature, batch_size)` (see
+    [`RECORD_KEY_FIELDS`]; `variant` and `oracle_depth` are `None` where they do not apply, or in records written
+    before the field existed).
 
     Example:
 
     ```python
     >>> record_key({"method": "specvlm_tree", "temperature": 0, "batch_size": 1, "speedup": 0.6})
-    ('specvlm_tree', None, 0.0, 1)
+    ('specvlm_tree', None, None, 0.0, 1)
+    >>> record_key({"method": "oracle", "oracle_depth": 4, "temperature": 0, "batch_size": 1})
+    ('oracle', None, 4, 0.0, 1)
     ```
     """
-    return (str(record["method"]), record.get("variant"), float(record["temperature"]), int(record["batch_size"]))
+    depth = record.get("oracle_depth")
+    return (str(record["method"]), record.get("variant"), None if depth is None else int(depth),
+            float(record["temperature"]), int(record["batch_size"]))
 
 
-def _method_key(method: Method, temperature: float, batch_size: int) -> tuple[str, str | None, float, int]:
-    return method.name, method.variant, float(temperature), int(batch_size)
+def _method_key(method: Method, temperature: float, batch_size: int) -> tuple[str, str | None, int | None, float, int]:
+    return method.name, method.variant, method.oracle_depth, float(temperature), int(batch_size)
+
+
+@dataclass
+class BenchOutcome:
+    """
+    What [`run_benchmark`] measured.
+
+    Args:
+        records (`list[dict]`): the new records (see [`aggregate`]).
+        runs (`list[RunResult]`): every timed call.
+        ttfts (`dict[tuple[int, int], list[float]]`): time-to-first-token samples per `(batch_size, unit)`.
+        references (`dict[tuple[int, int], PlainReference]`): the plain reference of each `(batch_size, unit)` that
+            ran at temperature 0.
+        noise_floor (`dict`, *optional*): [`~specvlm_hf.bench.exactness.measure_noise_floor`]'s result (`None` in
+            float32, when off, or when no temperature-0 group ran).
+    """
+
+    records: list[dict]
+    runs: list[RunResult]
+    ttfts: dict[tuple[int, int], list[float]]
+    references: dict[tuple[int, int], PlainReference] = field(default_factory=dict)
+    noise_floor: dict | None = None
+
+    def __iter__(self):  # `records, runs, ttfts = run_benchmark(...)`, as before the outcome had more fields
+        return iter((self.records, self.runs, self.ttfts))
 
 
 def run_benchmark(
@@ -344,7 +386,7 @@ def run_benchmark(
     progress: bool = True,
     done: Collection[tuple] = (),
     on_records: Callable[[list[dict]], None] | None = None,
-) -> tuple[list[dict], list[RunResult], dict[tuple[int, int], list[float]]]:
+) -> BenchOutcome:
     """
     Runs the whole benchmark (see the module docstring for the protocol).
 
@@ -364,8 +406,9 @@ def run_benchmark(
         on_records (`Callable[[list[dict]], None]`, *optional*): called with the new records of each finished group.
 
     Returns:
-        `tuple`: the new records (one dict per method × temperature × batch size, see [`aggregate`]), every
-        [`RunResult`], and the time-to-first-token samples per `(batch_size, unit)`.
+        [`BenchOutcome`]: the new records (one dict per method × temperature × batch size, see [`aggregate`]), every
+        [`RunResult`], the time-to-first-token samples per `(batch_size, unit)`, the plain references of the
+        temperature-0 groups and the noise floor (unpacks as `records, runs, ttfts`).
     """
     from tqdm.auto import tqdm
 
@@ -376,9 +419,8 @@ def run_benchmark(
         raise ValueError(f"method labels must be unique (give compressor variants distinct names), got {labels}")
     done = set(done)
     caller = _Caller(target, settings)
-    runs: list[RunResult] = []
-    ttfts: dict[tuple[int, int], list[float]] = {}
-    records: list[dict] = []
+    outcome = BenchOutcome([], [], {})
+    floor_inputs = None  # (batch size, rendered batches, max_new) of the noise floor: the first batch size at T = 0
     try:
         for batch_size in settings.batch_sizes:
             units = [list(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
@@ -391,23 +433,31 @@ def run_benchmark(
                 if not missing:
                     continue
                 # plain generate is the baseline of every ratio, so it runs whenever another method does; a record of
-                # an unavailable method needs no call
-                wanted = {id(m) for m in missing if m.available}
+                # an unavailable method (or of the oracle at T > 0) needs no call
+                wanted = {id(m) for m in missing if m.available and m.runs_at_temperature(temperature)}
                 active = [m for m in methods if id(m) in wanted or m is methods[0]] if wanted else []
                 if active and inputs is None:
                     inputs = [render_batch(processor, unit, caller.device, target.dtype) for unit in units]
-                group_runs, group_ttfts = _run_group(caller, active, inputs, max_new, temperature, batch_size, settings,
-                                                     tqdm, progress)
-                runs += group_runs
+                group_runs, group_ttfts, references = _run_group(caller, active, inputs, max_new, temperature,
+                                                                 batch_size, settings, tqdm, progress)
+                outcome.runs += group_runs
                 for unit, values in group_ttfts.items():
-                    ttfts.setdefault((batch_size, unit), []).extend(values)
-                group = aggregate(group_runs, missing, [temperature], batch_size, group_ttfts, caller.memory.kind)
-                records += group
+                    outcome.ttfts.setdefault((batch_size, unit), []).extend(values)
+                for unit, reference in references.items():
+                    outcome.references[(batch_size, unit)] = reference
+                if references and floor_inputs is None:
+                    floor_inputs = (batch_size, inputs, max_new, references)
+                group = aggregate(group_runs, missing, [temperature], batch_size, group_ttfts, caller.memory.kind,
+                                  references=references or None)
+                outcome.records += group
                 if on_records is not None:
                     on_records(group)
     finally:
         caller.close()
-    return records, runs, ttfts
+    if settings.noise_floor and floor_inputs is not None:  # last: its float32 copy never overlaps a timed call
+        batch_size, inputs, max_new, references = floor_inputs
+        outcome.noise_floor = measure_noise_floor(target, inputs, max_new, references, batch_size, len(prompts))
+    return outcome
 
 
 def _run_group(
@@ -420,21 +470,28 @@ def _run_group(
     settings: BenchSettings,
     tqdm: Any,
     progress: bool,
-) -> tuple[list[RunResult], dict[int, list[float]]]:
-    """Warm-up, time to first token and the interleaved timed calls of one batch size and temperature; returns the
-    runs and the time-to-first-token samples per batch of prompts."""
+) -> tuple[list[RunResult], dict[int, list[float]], dict[int, PlainReference]]:
+    """Plain references (T = 0), warm-up, time to first token and the interleaved timed calls of one batch size and
+    temperature; returns the runs, the time-to-first-token samples and the references per batch of prompts."""
     ttfts: dict[int, list[float]] = {}
+    references: dict[int, PlainReference] = {}
     if not active or inputs is None:
-        return [], ttfts
-    bar = tqdm(total=len(active) + settings.repeats * len(inputs) * (len(active) + 1),
+        return [], ttfts, references
+    n_references = len(inputs) if temperature == 0 else 0
+    bar = tqdm(total=n_references + len(active) + settings.repeats * len(inputs) * (len(active) + 1),
                desc=f"bench batch={batch_size} T={temperature:g}", disable=not progress, file=sys.stderr, leave=True)
+    for unit in range(n_references):
+        bar.set_postfix_str(f"plain reference with logits, batch {unit}")
+        references[unit] = caller.reference(inputs[unit], max_new[unit])
+        bar.update(1)
     for method in active:
         if not method.runs_at(batch_size):  # already refused at this batch size (at another temperature)
             bar.update(1)
             continue
         bar.set_postfix_str(f"warm-up {method.label}")
         try:
-            caller.call(method, inputs[0], temperature, settings.warmup_tokens, settings.seed)
+            caller.call(method, inputs[0], temperature, settings.warmup_tokens, settings.seed,
+                        reference=references.get(0))
         except ValueError as error:
             if not method.is_transformers_assisted:
                 raise
@@ -443,7 +500,7 @@ def _run_group(
     runnable = [m for m in active if m.runs_at(batch_size)]
     by_label = {m.label: m for m in runnable}
     schedule = interleaved_schedule([m.label for m in runnable], len(inputs), settings.repeats, [temperature])
-    bar.total = len(active) + len(schedule) + settings.repeats * len(inputs)
+    bar.total = n_references + len(active) + len(schedule) + settings.repeats * len(inputs)
     runs = []
     current = None
     for item in schedule:
@@ -455,13 +512,14 @@ def _run_group(
         bar.set_postfix_str(f"{item.method} batch {item.unit} rep {item.repeat}")
         seed = settings.seed + 1000 * item.unit + item.repeat
         seconds, rows, forwards, stats, peak, increase = caller.call(
-            by_label[item.method], inputs[item.unit], item.temperature, max_new[item.unit], seed
+            by_label[item.method], inputs[item.unit], item.temperature, max_new[item.unit], seed,
+            reference=references.get(item.unit),
         )
         runs.append(RunResult(item.method, item.temperature, batch_size, item.unit, item.repeat, seconds, rows,
                               forwards, stats, peak, increase))
         bar.update(1)
     bar.close()
-    return runs, ttfts
+    return runs, ttfts, references
 
 
 def _ratio(numerator: float, denominator: float) -> float | None:
@@ -516,6 +574,73 @@ def draft_prefill_costs(runs: Sequence[RunResult], draft: Any = None) -> dict[st
     }
 
 
+def time_fractions(stats: Sequence[SpeculationStats]) -> dict[str, float] | None:
+    """
+    Time-weighted shares of the calls' wall time: `target_forward` (the target's forwards, prefill included), `draft`
+    (the draft's forwards) and `loop` (the rest: tree building, masks, acceptance, cache compaction, Python), each the
+    sum of its seconds over the calls divided by the sum of the calls' `total_seconds`; they sum to 1.
+
+    Returns:
+        `dict[str, float]`, or `None` when no call recorded its time.
+    """
+    total = sum(getattr(s, "total_seconds", 0.0) for s in stats)
+    if total <= 0:
+        return None
+    target = min(sum(getattr(s, "target_seconds", 0.0) for s in stats) / total, 1.0)
+    draft = min(sum(getattr(s, "draft_seconds", 0.0) for s in stats) / total, 1.0 - target)
+    return {"target_forward": target, "draft": draft, "loop": 1.0 - target - draft}
+
+
+#: The fields of an `oracle` record's bound (`None` elsewhere); see [`oracle_bound`].
+ORACLE_KEYS = ("t_token_seconds", "t_verify_seconds", "bound", "fraction_of_bound", "decode_fraction_of_bound")
+
+
+def oracle_bound(
+    paired: Sequence[tuple[RunResult, RunResult]],
+    stats: SpeculationStats,
+    ttft_median: Mapping[int, float],
+    speedup: float | None,
+    decode_speedup: float | None,
+) -> dict[str, float | None]:
+    """
+    The speedup bound of a perfect draft, measured in the same run: `bound = tau * t_token / t_verify`.
+
+    - `tau`: the oracle's `mean_accept_len` (tokens per verification forward, bonus included);
+    - `t_token`: plain `generate`'s decode time per token over the same calls: (wall time - time to first token) /
+      tokens decoded after the first one of each row;
+    - `t_verify`: the oracle's time per verification forward: (`target_seconds` - `target_prefill_seconds`) /
+      `target_forwards` of its `out.speculation`.
+
+    The bound is the decode-rate ratio the loop would reach if drafting and the loop's own work were free;
+    `fraction_of_bound = speedup / bound` (end to end) and `decode_fraction_of_bound = decode_speedup / bound` say how
+    much of it the loop keeps.
+
+    Args:
+        paired (`Sequence[tuple[RunResult, RunResult]]`): the oracle's calls, each with plain `generate`'s call of the
+            same repetition and batch.
+        stats (`SpeculationStats`): the oracle calls' statistics, merged.
+        ttft_median (`Mapping[int, float]`): time to first token per batch of prompts.
+        speedup (`float`, *optional*), decode_speedup (`float`, *optional*): the oracle record's speedups.
+
+    Returns:
+        `dict` with [`ORACLE_KEYS`] (`None` where a quantity is undefined, e.g. no verification forward).
+    """
+    decode_seconds = sum(p.seconds - ttft_median.get(p.unit, 0.0) for _, p in paired)
+    decode_tokens = sum(max(p.new_tokens - len(p.outputs), 0) for _, p in paired)
+    t_token = decode_seconds / decode_tokens if decode_tokens and decode_seconds > 0 else None
+    verify_seconds = stats.target_seconds - getattr(stats, "target_prefill_seconds", 0.0)
+    t_verify = verify_seconds / stats.target_forwards if stats.target_forwards and verify_seconds > 0 else None
+    tau = stats.mean_accept_len
+    bound = tau * t_token / t_verify if tau and t_token and t_verify else None
+    return {
+        "t_token_seconds": t_token,
+        "t_verify_seconds": t_verify,
+        "bound": bound,
+        "fraction_of_bound": speedup / bound if speedup and bound else None,
+        "decode_fraction_of_bound": decode_speedup / bound if decode_speedup and bound else None,
+    }
+
+
 def aggregate(
     runs: Sequence[RunResult],
     methods: Sequence[Method],
@@ -523,6 +648,7 @@ def aggregate(
     batch_size: int,
     ttft: dict[int, list[float]],
     memory_kind: str = "cpu_peak_rss",
+    references: Mapping[int, PlainReference] | None = None,
 ) -> list[dict]:
     """
     One record per method and temperature for one batch size.
@@ -530,14 +656,22 @@ def aggregate(
     Every ratio is taken over the calls (repetition, batch of prompts) that both the method and plain `generate` ran.
     Runs are matched to methods by label ([`~specvlm_hf.bench.methods.Method.label`]).
 
+    Args:
+        references (`Mapping[int, PlainReference]`, *optional*): the plain reference of each batch of prompts at
+            temperature 0; with it, every temperature-0 record gets `divergences`
+            ([`~specvlm_hf.bench.exactness.find_divergences`]).
+
     Returns:
-        `list[dict]` with keys `method`, `variant`, `temperature`, `batch_size`, `available`, `note`, `speedup`,
-        `decode_speedup`, `speedup_tokens_per_s`, `seconds`, `generate_seconds`, `new_tokens`, `tokens_per_s`,
-        `ttft_seconds`, `mean_accept_len`, `mean_accept_len_no_bonus`, `acceptance_per_depth`, `target_forwards`,
-        `exact_match`, `identical_to_generate`, `peak_memory_mib`, `peak_memory_increase_mib`, `peak_memory_kind`,
-        `calls`, `tree_top_k`, `tree_depth`, `tree_total_tokens`, and for SpecVLM methods (`None` / `{}` otherwise)
-        the per-prompt draft prefill costs of [`draft_prefill_costs`]: `draft_prefill_ms`, `draft_prefill_tokens`,
-        `draft_prefill_gflops`, `draft_kv_mib`, `compressor_choices`.
+        `list[dict]` with keys `method`, `variant`, `oracle_depth`, `temperature`, `batch_size`, `available`, `note`,
+        `speedup`, `decode_speedup`, `speedup_tokens_per_s`, `seconds`, `generate_seconds`, `new_tokens`,
+        `tokens_per_s`, `ttft_seconds`, `mean_accept_len`, `mean_accept_len_no_bonus`, `acceptance_per_depth`,
+        `target_forwards`, `exact_match`, `identical_to_generate`, `divergences` (a list at temperature 0 with
+        `references`, else `None`), `peak_memory_mib`, `peak_memory_increase_mib`, `peak_memory_kind`, `calls`,
+        `tree_top_k`, `tree_depth`, `tree_total_tokens`; for SpecVLM methods (`None` / `{}` otherwise) the per-prompt
+        draft prefill costs of [`draft_prefill_costs`] (`draft_prefill_ms`, `draft_prefill_tokens`,
+        `draft_prefill_gflops`, `draft_kv_mib`, `compressor_choices`), `time_fractions` ([`time_fractions`]) and
+        `exact_verification` (whether every call verified with exact row-wise attention); for `oracle` records the
+        [`ORACLE_KEYS`] of [`oracle_bound`].
     """
     ttft_median = {unit: statistics.median(values) for unit, values in ttft.items() if values}
     records = []
@@ -545,20 +679,26 @@ def aggregate(
         plain = {(r.repeat, r.unit): r for r in runs if r.method == "generate" and r.temperature == temperature}
         for method in methods:
             note = method.unsupported_batch_sizes.get(batch_size, method.note) if method.available else method.note
-            if method.is_specvlm and method.available and batch_size > 1:
+            if not method.runs_at_temperature(temperature):
+                note = ORACLE_T_NOTE
+            elif method.is_specvlm and method.available and batch_size > 1:
                 note = "; ".join(filter(None, [note, "rows verified one after another after one batched prefill"]))
             record: dict[str, Any] = {
                 "method": method.name,
                 "variant": method.variant,
+                "oracle_depth": method.oracle_depth,
                 "temperature": float(temperature),
                 "batch_size": batch_size,
-                "available": method.runs_at(batch_size),
+                "available": method.runs_at(batch_size) and method.runs_at_temperature(temperature),
                 "note": note,
                 "tree_top_k": method.tree.top_k if method.tree else None,
                 "tree_depth": method.tree.depth if method.tree else None,
                 "tree_total_tokens": method.tree.total_tokens if method.tree else None,
                 **dict.fromkeys(DRAFT_PREFILL_KEYS),
                 "compressor_choices": {} if method.is_specvlm else None,
+                "time_fractions": None,
+                "exact_verification": None,
+                **(dict.fromkeys(ORACLE_KEYS) if method.is_oracle else {}),
             }
             mine = [r for r in runs if r.method == method.label and r.temperature == temperature]
             paired = [(r, plain[(r.repeat, r.unit)]) for r in mine if (r.repeat, r.unit) in plain]
@@ -567,7 +707,7 @@ def aggregate(
                     ("speedup", "decode_speedup", "speedup_tokens_per_s", "seconds", "generate_seconds", "new_tokens",
                      "tokens_per_s", "ttft_seconds", "mean_accept_len", "mean_accept_len_no_bonus",
                      "acceptance_per_depth", "target_forwards", "exact_match", "identical_to_generate",
-                     "peak_memory_mib", "peak_memory_increase_mib", "calls")
+                     "divergences", "peak_memory_mib", "peak_memory_increase_mib", "calls")
                 ))
                 record["peak_memory_kind"] = memory_kind
                 records.append(record)
@@ -579,7 +719,7 @@ def aggregate(
             plain_tokens = sum(p.new_tokens for _, p in paired)
             rows = [(a, b) for r, p in paired for a, b in zip(r.outputs, p.outputs)]
             identical = sum(a == b for a, b in rows) / len(rows) if rows else None
-            accept = accept_no_bonus = per_depth = None
+            accept = accept_no_bonus = per_depth = stats = None
             if method.is_specvlm:
                 stats = SpeculationStats()
                 for r, _ in paired:
@@ -590,6 +730,12 @@ def aggregate(
                 if method.tree is not None and stats.target_forwards:  # depths never reached: 0, not missing
                     per_depth = per_depth + [0.0] * (method.tree.depth - len(per_depth))
                 record.update(draft_prefill_costs([r for r, _ in paired], method.draft))
+                call_stats = [r.stats for r, _ in paired if r.stats is not None]
+                record.update(
+                    time_fractions=time_fractions(call_stats),
+                    exact_verification=(all(bool(getattr(s, "exact_verification", False)) for s in call_stats)
+                                        if call_stats else None),
+                )
             elif batch_size == 1:
                 # tokens per verification forward: the prefill forward emits the first token of each call
                 emitted = sum(max(r.new_tokens - 1, 0) for r, _ in paired)
@@ -612,10 +758,14 @@ def aggregate(
                 target_forwards=sum(r.target_forwards for r, _ in paired),
                 exact_match=identical if temperature == 0 else None,
                 identical_to_generate=identical,
+                divergences=(find_divergences(((r.unit, r.outputs) for r, _ in paired), references, batch_size)
+                             if temperature == 0 and references else None),
                 peak_memory_mib=max(r.peak_memory_bytes for r, _ in paired) / 2**20,
                 peak_memory_increase_mib=max(r.peak_memory_increase_bytes for r, _ in paired) / 2**20,
                 peak_memory_kind=memory_kind,
                 calls=len(paired),
             )
+            if method.is_oracle and stats is not None:
+                record.update(oracle_bound(paired, stats, ttft_median, record["speedup"], record["decode_speedup"]))
             records.append(record)
     return records
