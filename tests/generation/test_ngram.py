@@ -93,3 +93,15 @@ def test_negative_knob_is_refused():
     inputs = make_inputs("llama", target, with_image=False)
     with pytest.raises(ValueError, match="tree_ngram_tokens"):
         target.generate(**inputs, max_new_tokens=4, assistant_model=draft, tree_ngram_tokens=-1)
+
+
+def test_the_draft_config_knobs_apply_and_a_call_overrides_them():
+    target = build_tiny_target("qwen2")
+    torch.manual_seed(1)
+    draft = SpecVLMDraftModel.from_target(target, tree_ngram_tokens=0, tree_adaptive=False)
+    inputs = _repetitive("qwen2", target)
+    kwargs = dict(max_new_tokens=20, do_sample=False, assistant_model=draft, return_dict_in_generate=True)
+    off = target.generate(**inputs, **kwargs).speculation
+    on = target.generate(**inputs, tree_ngram_tokens=6, **kwargs).speculation
+    assert set(off.nodes_per_cycle) == {draft.config.tree_total_tokens}  # fixed tree, no branch
+    assert max(on.nodes_per_cycle) > draft.config.tree_total_tokens

@@ -98,6 +98,16 @@ class SpecVLMDraftConfig(PreTrainedConfig):
         tree_total_tokens (`int`, *optional*, defaults to 24):
             Draft tokens kept per tree after reranking, **root excluded** (one verification forward sees
             `tree_total_tokens + 1` tokens). `tree_top_k=1` gives a chain of `min(tree_depth, tree_total_tokens)`.
+        tree_adaptive (`bool`, *optional*, defaults to `True`):
+            Size every tree during generation from the measured costs of verification and drafting and the draft's
+            calibrated path probabilities (`specvlm_hf.generation.adaptive`); `tree_depth` and `tree_total_tokens`
+            are then upper bounds. `False` keeps the tree fixed at those knobs.
+        tree_ngram_tokens (`int`, *optional*, defaults to 6):
+            Length of the n-gram branch merged into every tree: the tokens that followed the latest earlier
+            occurrence of the context's last `tree_ngram_max`..1 tokens (prompt lookup inside the tree,
+            `specvlm_hf.generation.ngram`). `0` turns it off.
+        tree_ngram_max (`int`, *optional*, defaults to 3):
+            Longest suffix the n-gram branch matches first.
         compressor_config (`dict`, *optional*):
             Configuration of the elastic visual compressor saved inside the checkpoint (`None`: the draft sees every
             visual token).
@@ -146,6 +156,9 @@ class SpecVLMDraftConfig(PreTrainedConfig):
     tree_top_k: int = 8
     tree_depth: int = 5
     tree_total_tokens: int = 24
+    tree_adaptive: bool = True
+    tree_ngram_tokens: int = 6
+    tree_ngram_max: int = 3
     compressor_config: dict | None = None
     target_model_name_or_path: str | None = None
     target_model_type: str | None = None
@@ -186,6 +199,10 @@ class SpecVLMDraftConfig(PreTrainedConfig):
             problems.append(f"tree_depth must be >= 1 (got {self.tree_depth})")
         if self.tree_total_tokens < 1:
             problems.append(f"tree_total_tokens must be >= 1 (got {self.tree_total_tokens})")
+        if self.tree_ngram_tokens < 0:
+            problems.append(f"tree_ngram_tokens must be >= 0 (got {self.tree_ngram_tokens})")
+        if self.tree_ngram_max < 1:
+            problems.append(f"tree_ngram_max must be >= 1 (got {self.tree_ngram_max})")
         if self.target_layer_ids is not None and len(self.target_layer_ids) == 0:
             problems.append("target_layer_ids must name at least one target layer")
         if self.draft_vocab_size is not None and not 0 < self.draft_vocab_size <= self.vocab_size:
