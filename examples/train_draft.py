@@ -35,4 +35,9 @@ from specvlm_hf.training.cli import ScriptArguments, main, make_parser, train
 __all__ = ["ScriptArguments", "main", "make_parser", "train"]
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    import sys
+
+    from specvlm_hf.cli import main as specvlm_main
+
+    # through the `specvlm` dispatcher, so user errors print one actionable line (exit 2) instead of a traceback
+    raise SystemExit(specvlm_main(["train", *sys.argv[1:]]))
