@@ -431,7 +431,7 @@ def tree_assisted_decoding(
 def _use_exact_verification(target: "PreTrainedModel", generation_config: "GenerationConfig") -> bool:
     """
     Whether verification runs the exact row-wise attention (`exact_attention.py`): `exact_verification=True/False`
-    per call, else automatically where the target runs SDPA and the machine's kernels pass the probe.
+    per call, else automatically on CPUs where the target runs SDPA in bf16/fp16 and the kernels pass the probe.
     """
     requested = getattr(generation_config, "exact_verification", None)
     text_config = target.config.get_text_config()
@@ -439,6 +439,10 @@ def _use_exact_verification(target: "PreTrainedModel", generation_config: "Gener
     device = target.get_output_embeddings().weight.device
     dtype = target.get_output_embeddings().weight.dtype
     if requested is False:
+        return False
+    if requested is None and device.type != "cpu":
+        # automatic only on CPUs, where it was measured; on accelerators one small kernel per node and layer would
+        # cost more than the whole verification (pass exact_verification=True to try it)
         return False
     if not sdpa:
         if requested:
