@@ -15,7 +15,7 @@ from transformers import PreTrainedConfig
 #: `from_target` keeps the target's full LM head for vocabularies up to this size (`draft_vocab_size=None`).
 AUTO_DRAFT_VOCAB_MAX_FULL = 65536
 #: Size of the reduced head `from_target` gives drafts of larger vocabularies (chosen by measurement: README).
-AUTO_DRAFT_VOCAB_SIZE = 4096
+AUTO_DRAFT_VOCAB_SIZE = 2048
 #: Share of a data-free reduced vocabulary taken from the lowest ids; the rest follows the LM-head-row prior.
 AUTO_DRAFT_VOCAB_LOWEST_SHARE = 0.75
 
