@@ -14,7 +14,11 @@ from transformers import PreTrainedConfig
 
 #: `from_target` keeps the target's full LM head for vocabularies up to this size (`draft_vocab_size=None`).
 AUTO_DRAFT_VOCAB_MAX_FULL = 65536
-#: Size of the reduced head `from_target` gives drafts of larger vocabularies (chosen by measurement: README).
+#: Size of the reduced head `from_target` gives drafts of larger vocabularies. Measured on Gemma-3-270M (262,144
+#: tokens, width 640), fp32, 2 CPU cores: one 8-row draft expansion step costs 0.053 of a target decode step with a
+#: 64-id head (the decoder layer alone), 0.062 with 2,048 ids, 0.076 with 4,096, 0.26 with 32,768 and 1.7 with the
+#: full head; 2,048 ids keep the head's share near 0.01 while covering 63 % of the target's own greedy tokens (32,768:
+#: 87 %). On accelerators, where the head costs little, pass a larger `draft_vocab_size` (EAGLE-3 uses 32,768).
 AUTO_DRAFT_VOCAB_SIZE = 2048
 #: Share of a data-free reduced vocabulary taken from the lowest ids; the rest follows the LM-head-row prior.
 AUTO_DRAFT_VOCAB_LOWEST_SHARE = 0.75
@@ -76,8 +80,9 @@ class SpecVLMDraftConfig(PreTrainedConfig):
 
             [`SpecVLMDraftModel.from_target`] chooses it when it is not given (`None` or `"auto"`): the target's full
             head up to `AUTO_DRAFT_VOCAB_MAX_FULL` (65,536) tokens, else a reduced head of `AUTO_DRAFT_VOCAB_SIZE`
-            tokens; `0` or `"full"` forces the full head and an integer forces that size. The ids of such a
-            data-free head (see [`default_draft_vocab_ids`]) are, in order:
+            (2,048) tokens; `0` or `"full"` forces the full head and an integer forces that size. The resolved value
+            is what the config stores (a loaded checkpoint never changes its head). The ids of such a data-free head
+            (see [`default_draft_vocab_ids`]) are, in order:
 
             1. every special id named by the target's configs: the `*_token_id`, `*_token_ids` and `*_token_index`
                entries of its config, its text config and its generation config (bos, eos, pad, image/video and
