@@ -69,11 +69,11 @@ def tiny_args(tmp_path, **overrides) -> OnlineDistillationConfig:
     return OnlineDistillationConfig(**values)
 
 
-def train_batch_vs_accumulation(initial, target, dataset, tmp_path) -> list[dict]:
+def train_batch_vs_accumulation(initial, target, dataset, tmp_path, **overrides) -> list[dict]:
     """
     Trains two copies of `initial` for one SGD update each: batch 2 without accumulation, then batch 1 with 2
-    accumulation steps (constant lr, no clipping). Returns both drafts' named parameters, which must be equal when
-    gradient accumulation is exact.
+    accumulation steps (constant lr, no clipping; `overrides` are further `tiny_args`). Returns both drafts' named
+    parameters, which must be equal when gradient accumulation is exact.
     """
     from specvlm_hf.training import OnlineDistillationTrainer
 
@@ -88,6 +88,7 @@ def train_batch_vs_accumulation(initial, target, dataset, tmp_path) -> list[dict
             learning_rate=0.5,
             lr_scheduler_type="constant",
             max_grad_norm=0.0,
+            **overrides,
         )
         OnlineDistillationTrainer(model=draft, teacher=target, args=args, train_dataset=dataset).train()
         results.append(dict(draft.named_parameters()))

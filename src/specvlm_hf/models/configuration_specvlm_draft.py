@@ -69,7 +69,17 @@ class SpecVLMDraftConfig(PreTrainedConfig):
         target_layer_ids (`list[int]`, *optional*, defaults to `[-1]`):
             Indices into the target's `hidden_states` tuple whose activations feed the draft (`-1` = the final-norm
             output, i.e. the LM-head input, as in EAGLE-2/SpecVLM; index 0 is the embedding output). Several indices
-            (EAGLE-3 style) are concatenated and projected to `hidden_size`.
+            (EAGLE-3 style) are concatenated and projected to `hidden_size` by `feature_proj` before the `fc` fusion.
+
+            Multi-layer fusion (EAGLE-3): tap one low, one middle and one high layer of a target with `N` decoder
+            layers, e.g. `[2, N // 2, N - 3]` as EAGLE-3 does (hidden state `k` is the input of decoder layer `k`, so
+            these are the inputs of layers 2, N/2 and N-3): low layers carry the token identity, middle ones the
+            context, high ones what the target is about to predict. Keep `-1` (the LM-head input) among them when
+            the draft is small or training data is scarce: it is the easiest feature to regress from. More taps widen
+            only `feature_proj` (`target_hidden_size * len(target_layer_ids)` inputs), not the draft's step cost.
+            Inside a draft tree, and in the steps `i > 0` of training-time test, the draft's own output (width
+            `hidden_size`) takes the place of the *projected* feature (`feature_proj` is skipped for it), as in
+            EAGLE-3, which feeds its hidden state after the fc projection.
         input_norm (`bool`, *optional*, defaults to `True`):
             SpecVLM's one change to EAGLE-2: an RMSNorm on the fused input before the decoder layer(s).
         draft_vocab_size (`int`, *optional*):
@@ -124,6 +134,13 @@ class SpecVLMDraftConfig(PreTrainedConfig):
             Provenance: revision (commit hash) of that target when known.
         specvlm_hf_version (`str`, *optional*):
             Version of `specvlm_hf` that created the checkpoint.
+        training_recipe (`dict`, *optional*):
+            Provenance: how the draft was last trained, written by `OnlineDistillationTrainer` (so that every saved
+            checkpoint records it): `{"ttt_steps": K, "ttt_decay": d, "multi_layer_features": bool,
+            "target_layer_ids": [...], "lambda_logit": ..., "lambda_feat": ..., "feature_noise": ...}`. `ttt_steps`
+            1 is the EAGLE-1 recipe, `K > 1` EAGLE-3's training-time test; `multi_layer_features` is true when the
+            draft fuses several target layers. `None` for a draft that was never trained with this library. It does
+            not change how the draft runs.
 
     Example:
 
@@ -169,6 +186,7 @@ class SpecVLMDraftConfig(PreTrainedConfig):
     target_model_type: str | None = None
     target_revision: str | None = None
     specvlm_hf_version: str | None = None
+    training_recipe: dict | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs: Any):

@@ -40,6 +40,16 @@ class OnlineDistillationConfig(TrainingArguments):
         assistant_only_loss (`bool`, *optional*, defaults to `True`):
             Train only on positions that predict assistant tokens (the tokens the draft proposes at inference).
             `False` trains on every text token (image placeholders are always excluded).
+        ttt_steps (`int`, *optional*, defaults to `1`):
+            Training-time test (EAGLE-3): how many steps the draft is unrolled on its own predictions. Step `i > 0`
+            feeds the draft's own output of step `i - 1` in place of the target feature, with the token embeddings
+            shifted one more position, attends to the context and to its own earlier steps exactly as a draft-tree
+            node of depth `i` does (see `specvlm_hf.training.ttt`), and is trained against the target's data `i`
+            positions further on. `1` is the EAGLE-1 recipe (one teacher-forced step; the loss is unchanged). EAGLE-3
+            uses 7; each extra step costs about one more draft forward and backward. Not available with a visual
+            compressor.
+        ttt_decay (`float`, *optional*, defaults to `0.8`):
+            Weight `ttt_decay ** i` of step `i`'s loss (EAGLE-3: 0.8); must lie in (0, 1]. Unused when `ttt_steps=1`.
         eval_acceptance_prompts (`int`, *optional*, defaults to `8`):
             On `evaluate()`, how many held-out prompts (the first records of the evaluation dataset, cut before their
             first assistant turn) are decoded with `target.generate(..., assistant_model=draft)` to measure the real
@@ -78,6 +88,17 @@ class OnlineDistillationConfig(TrainingArguments):
     assistant_only_loss: bool = field(
         default=True,
         metadata={"help": "Train only on positions that predict assistant tokens (False: every text token)."},
+    )
+    ttt_steps: int = field(
+        default=1,
+        metadata={
+            "help": "Training-time test (EAGLE-3): unroll the draft this many steps on its own predicted features, "
+            "each step weighted ttt_decay**i (1 = the EAGLE-1 loss; EAGLE-3 uses 7; not with a visual compressor)."
+        },
+    )
+    ttt_decay: float = field(
+        default=0.8,
+        metadata={"help": "Loss weight decay per training-time-test step, in (0, 1] (EAGLE-3: 0.8)."},
     )
     eval_acceptance_prompts: int = field(
         default=8,
@@ -146,6 +167,19 @@ class OnlineDistillationConfig(TrainingArguments):
             raise UserValueError(
                 f"max_length must be >= 3 (the draft predicts token t + 2 from position t) or None, got "
                 f"{self.max_length}."
+            )
+        if isinstance(self.ttt_steps, bool) or int(self.ttt_steps) != self.ttt_steps or self.ttt_steps < 1:
+            raise UserValueError(
+                f"ttt_steps must be an integer >= 1 (1 = the EAGLE-1 loss, K > 1 = EAGLE-3's training-time test "
+                f"unrolled K steps), got {self.ttt_steps}."
+            )
+        self.ttt_steps = int(self.ttt_steps)
+        if not 0 < self.ttt_decay <= 1:
+            raise UserValueError(f"ttt_decay must lie in (0, 1] (EAGLE-3 uses 0.8), got {self.ttt_decay}.")
+        if self.max_length is not None and self.max_length < self.ttt_steps + 2:
+            raise UserValueError(
+                f"max_length={self.max_length} leaves no position for step {self.ttt_steps - 1} of the training-time "
+                f"test (ttt_steps={self.ttt_steps} needs max_length >= ttt_steps + 2)."
             )
         if self.eval_acceptance_prompts < 0:
             raise UserValueError(f"eval_acceptance_prompts must be >= 0, got {self.eval_acceptance_prompts}.")

@@ -16,6 +16,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixi
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import EvalLoopOutput
 
+from transformers.cache_utils import DynamicCache
+
+from ..errors import UserValueError
 from ..generation.visual_layout import image_grids, visual_token_ids
 from ..generation.route import is_specvlm_draft
 from ..hub import create_model_card
@@ -29,6 +32,7 @@ from .data import (
     to_model_inputs,
     tokenizer_of,
 )
+from .ttt import shift_left, ttt_attention_mask, ttt_loss_mask, ttt_step_weights
 from .losses import (
     chain_acceptance_length,
     gate_entropy,
@@ -57,6 +61,16 @@ class OnlineDistillationTrainer(Trainer):
     `(E[:, t+1], F[:, t])` at 1-D position `t`, regresses `P[:, t+1]` and is trained against `softmax(Z[:, t+1])`,
     which predicts `x_{t+2}`. Position `t` counts iff `x_{t+2}` is a labelled (assistant) token; sums run over those
     positions and are divided by their number in the whole accumulated batch, so gradient accumulation is exact.
+
+    **Training-time test (EAGLE-3), `args.ttt_steps = K > 1`.** After step 0 above, the draft is unrolled `K - 1`
+    more steps on its own predictions: step `i` reads `(E[:, t+1+i], h_{i-1}[:, t])` (its own output of the previous
+    step instead of a target feature) at position `t + i`, attends to the context `0 .. t` (step-0 keys, kept in a
+    `DynamicCache`) and to its own earlier steps at index `t` (a 4-D additive mask), exactly as the tree drafter runs a
+    node of depth `i`, and is trained against `P[:, t+1+i]` and `softmax(Z[:, t+1+i])` where `x_{t+2+i}` is labelled.
+    Step `i`'s token sums are weighted by `args.ttt_decay ** i` and share step 0's denominator, so gradient
+    accumulation stays exact and `K = 1` is the loss above, unchanged. Layout and picture:
+    `specvlm_hf.training.ttt`. With a multi-layer draft (several `target_layer_ids`), the draft's own output replaces
+    the *projected* fused feature in the later steps. Not available with a visual compressor.
 
     **Visual compressor (SpecVLM §3.4), trained jointly.** When the draft has an [`ElasticVisualCompressor`]
     (`draft.compressor`), the draft is called once with `visual_mask` (position `t` is visual when `x_{t+1}` is one of
@@ -89,7 +103,10 @@ class OnlineDistillationTrainer(Trainer):
     weighted cost term, per row) and, per row with an image, `compressor_kept_fraction` (visual tokens kept /
     visual tokens), `compressor_expected_kept_fraction` (the gate's differentiable expectation of it), and for the
     gated modes `compressor_gate_entropy` (nats, see [`gate_entropy`]) and `compressor_choice_<primitive>` (fraction
-    of rows whose gate chose, or in `"weighted"` mode weighted most, each primitive).
+    of rows whose gate chose, or in `"weighted"` mode weighted most, each primitive). With `ttt_steps > 1`, per step
+    `i >= 1` (averaged over the tokens trained at that step): `ttt<i>_loss_logit`, `ttt<i>_loss_feat` and
+    `ttt<i>_top1_agreement`; the unprefixed metrics stay those of step 0. The draft's config records the recipe
+    (`config.training_recipe`: `ttt_steps`, `ttt_decay`, multi-layer features, loss weights).
 
     Args:
         model ([`SpecVLMDraftModel`]):
@@ -159,6 +176,22 @@ class OnlineDistillationTrainer(Trainer):
         if teacher is None or teacher is model:
             raise ValueError("teacher must be the target model, distinct from the draft being trained.")
         model.check_compatible(teacher)
+        if args.ttt_steps > 1 and getattr(model, "compressor", None) is not None:
+            raise UserValueError(
+                f"ttt_steps={args.ttt_steps} (training-time test) is not supported for a draft with a visual "
+                "compressor: the compressed step 0 has fewer positions than the unrolled steps that follow it. Train "
+                "the compressor with ttt_steps=1, or train a draft without compressor with the training-time test."
+            )
+        # provenance: every checkpoint of this run records how it was trained
+        model.config.training_recipe = {
+            "ttt_steps": args.ttt_steps,
+            "ttt_decay": args.ttt_decay,
+            "multi_layer_features": len(model.config.target_layer_ids) > 1,
+            "target_layer_ids": list(model.config.target_layer_ids),
+            "lambda_logit": args.lambda_logit,
+            "lambda_feat": args.lambda_feat,
+            "feature_noise": args.feature_noise,
+        }
 
         self.processor = processing_class
         train_dataset = self._as_distillation_dataset(train_dataset, args, "train_dataset")
@@ -364,6 +397,9 @@ class OnlineDistillationTrainer(Trainer):
         compression = self._compression_inputs(draft, batch, device)
         if compression is not None:
             draft_inputs.update(compression)  # the compressor runs inside the draft (Gumbel gate when training)
+        unrolled = self.args.ttt_steps > 1 and compression is None
+        if unrolled:  # the step-0 keys stay in a cache for the later steps of the training-time test
+            draft_inputs.update(past_key_values=DynamicCache(), use_cache=True)
         draft_out = model(**draft_inputs)
         predicted = draft_out.last_hidden_state  # (B, L-1, hidden), or (B, L', hidden) when compressed
         compressed = draft_out.compressor_output
@@ -400,6 +436,23 @@ class OnlineDistillationTrainer(Trainer):
         else:
             denominator = max(int(denominator), 1)
         loss = (self.args.lambda_logit * logit_sum + self.args.lambda_feat * feature_sum) / denominator
+        if unrolled:
+            loss = loss + self._ttt_loss(
+                draft,
+                mode,
+                predicted,
+                draft_out.past_key_values,
+                embeds,
+                target_features,
+                teacher_logits,
+                inputs["shift_labels"][:, :draft_len] != IGNORE_INDEX,
+                draft_inputs["attention_mask"],
+                position_ids,
+                head,
+                d2t,
+                denominator,
+            )
+
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts every process's tokens while DDP averages gradients over processes
             loss = loss * self.accelerator.num_processes
@@ -431,6 +484,91 @@ class OnlineDistillationTrainer(Trainer):
             if compressor is not None:
                 self._accumulate_compressor(mode, compressor.config, compressed, cost_sum, batch_size)
         return (loss, draft_out) if return_outputs else loss
+
+    def _ttt_loss(
+        self,
+        draft: nn.Module,
+        mode: str,
+        predicted: torch.Tensor,
+        cache: DynamicCache,
+        embeds: torch.Tensor,
+        target_features: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        label_mask: torch.Tensor,
+        padding_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        head: nn.Module,
+        d2t: torch.Tensor | None,
+        denominator: torch.Tensor | int,
+    ) -> torch.Tensor:
+        """
+        The steps `i = 1 .. ttt_steps - 1` of the training-time test (EAGLE-3; layout, masks and weights in
+        `specvlm_hf.training.ttt`), already weighted by `ttt_decay ** i`, scaled like step 0 and divided by
+        `denominator`.
+
+        Args:
+            draft (`SpecVLMDraftModel`): the unwrapped draft. The later steps call it directly: they reuse the step-0
+                parameters, whose gradients a DDP / DeepSpeed wrapper collects once per backward whichever call used
+                them.
+            mode (`str`): `"train"` or `"eval"` (where the metrics go).
+            predicted (`torch.Tensor` of shape `(B, n, hidden)`): step 0's output `h_0`.
+            cache (`DynamicCache`): the draft's cache holding step 0's keys and values; each step appends its own.
+            embeds (`torch.Tensor` of shape `(B, n, hidden)`): `E[:, t + 1]`.
+            target_features (`torch.Tensor` of shape `(B, n, hidden)`): `P[:, t + 1]`.
+            teacher_logits (`torch.Tensor` of shape `(B, n, vocab)`): `Z[:, t + 1]`.
+            label_mask (`torch.BoolTensor` of shape `(B, n)`): `x_{t + 2}` is labelled.
+            padding_mask (`torch.Tensor` of shape `(B, n)`, *optional*): real draft positions.
+            position_ids (`torch.LongTensor` of shape `(B, n)`): step 0's positions.
+            head (`nn.Module`): the target's LM head (used when the draft has no head of its own).
+            d2t (`torch.LongTensor`, *optional*): the draft vocabulary's target ids.
+            denominator (`torch.Tensor` or `int`): the labelled step-0 tokens of the accumulated batch.
+
+        Returns:
+            `torch.Tensor`: a scalar, the sum over the later steps.
+        """
+        batch_size, length = label_mask.shape
+        weights = ttt_step_weights(self.args.ttt_steps, self.args.ttt_decay)
+        total = predicted.new_zeros((), dtype=torch.float32)
+        hidden = predicted
+        for step in range(1, self.args.ttt_steps):
+            mask = ttt_loss_mask(label_mask, step)
+            out = draft(
+                inputs_embeds=shift_left(embeds, step),  # E[:, t + 1 + step]
+                target_hidden_states=hidden,  # h_{step - 1}[:, t]: the draft's own feature
+                attention_mask=ttt_attention_mask(
+                    padding_mask, step, batch_size, length, hidden.dtype, hidden.device
+                ),
+                position_ids=position_ids + step,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            hidden = out.last_hidden_state
+            rows, columns = mask.nonzero(as_tuple=True)
+            feature_sum = masked_sum(smooth_l1_feature_loss(hidden, shift_left(target_features, step)), mask)
+            selected = hidden[rows, columns]
+            if draft.lm_head is None:
+                selected = selected.to(head.weight.device, head.weight.dtype)
+            draft_logits = draft.compute_logits(selected, head).to(hidden.device)
+            teacher_selected = teacher_logits[rows, columns + step]
+            if d2t is not None:
+                teacher_selected = teacher_selected[:, d2t]
+            logit_sum = soft_cross_entropy(draft_logits, teacher_selected).sum()
+            total = total + weights[step] * (
+                self.args.lambda_logit * logit_sum + self.args.lambda_feat * feature_sum
+            )
+            with torch.no_grad():
+                self._accumulate(
+                    mode,
+                    **{
+                        f"ttt{step}_tokens": mask.sum(),
+                        f"ttt{step}_loss_logit": logit_sum,
+                        f"ttt{step}_loss_feat": feature_sum,
+                        f"ttt{step}_top1_agreement": top1_agreement(
+                            draft_logits, teacher_logits[rows, columns + step], d2t
+                        ).sum(),
+                    },
+                )
+        return total / denominator
 
     def prediction_step(
         self,
@@ -484,10 +622,19 @@ class OnlineDistillationTrainer(Trainer):
 
     @staticmethod
     def _metric_count(key: str) -> str:
-        """The count a summed metric is averaged over: predicted tokens, rows, or rows with an image."""
+        """
+        The count a summed metric is averaged over: predicted tokens, rows, rows with an image, or the tokens trained
+        at step `i` of the training-time test (`ttt<i>_tokens` for the `ttt<i>_*` metrics).
+        """
+        if key.startswith("ttt"):
+            return key.split("_", 1)[0] + "_tokens"
         if key == "loss_token_cost":
             return "rows"
         return "image_rows" if key.startswith("compressor_") else "tokens"
+
+    @staticmethod
+    def _is_ttt_count(key: str) -> bool:
+        return key.startswith("ttt") and key.endswith("_tokens")
 
     def _flush_metrics(self, mode: str) -> dict[str, float]:
         """
@@ -502,7 +649,8 @@ class OnlineDistillationTrainer(Trainer):
         values = self.accelerator.reduce(values.to(self.accelerator.device), reduction="sum").cpu()
         sums.clear()
         totals = dict(zip(keys, values.tolist(), strict=True))
-        counts = {key: totals.pop(key) for key in ("tokens", "rows", "image_rows") if key in totals}
+        count_keys = [key for key in keys if key in ("tokens", "rows", "image_rows") or self._is_ttt_count(key)]
+        counts = {key: totals.pop(key) for key in count_keys}
         if counts["tokens"] <= 0:
             return {}
         return {
@@ -639,9 +787,11 @@ class OnlineDistillationTrainer(Trainer):
         **kwargs: Any,
     ) -> None:
         """
-        Writes (or updates) `README.md` in `args.output_dir` from `templates/draft_card.md`: target as `base_model`,
-        quick start with `target.generate(..., assistant_model=draft)`, training data and procedure, the last measured
-        acceptance length and, when given, a measured speedup.
+        Writes (or updates) `README.md` in `args.output_dir` with the project's card renderer (`hub_cards/draft.md`
+        through [`specvlm_hf.hub.create_model_card`]): target as `base_model`, quick start with
+        `target.generate(..., assistant_model=draft)`, training data and procedure, the acceptance length measured
+        after each evaluation and, when given, a measured speedup; the last acceptance length and the speedup are also
+        `model-index` results of the card's metadata.
 
         Args:
             model_name (`str`, *optional*): card title; defaults to the Hub id or the output directory name.
@@ -671,6 +821,7 @@ class OnlineDistillationTrainer(Trainer):
         speedup: float | None = None,
         speedup_setup: str | None = None,
     ) -> None:
+        """Writes or updates the draft card in `directory` from the training state (see [`create_model_card`])."""
         hub_model_id = self.hub_model_id or self.args.hub_model_id
         if model_name is None:
             model_name = (
@@ -681,9 +832,8 @@ class OnlineDistillationTrainer(Trainer):
         train = self.train_dataset if isinstance(self.train_dataset, DistillationDataset) else None
         if dataset_name is None and train is not None and train.source is not None:
             dataset_name = os.path.basename(train.source)
-        acceptance = next(
-            (entry for entry in reversed(self.state.log_history) if "eval_mean_accept_len" in entry), None
-        )
+        measured = [entry for entry in self.state.log_history if "eval_mean_accept_len" in entry]
+        acceptance = measured[-1] if measured else None
         create_model_card(
             self.accelerator.unwrap_model(self.model),
             directory,
@@ -703,6 +853,9 @@ class OnlineDistillationTrainer(Trainer):
             ),
             speedup=speedup,
             speedup_setup=speedup_setup,
+            accept_len_by_epoch=[
+                (entry["epoch"], entry["eval_mean_accept_len"]) for entry in measured if "epoch" in entry
+            ],
             tags=tags,
         )
 
