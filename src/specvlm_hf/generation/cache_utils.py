@@ -133,3 +133,94 @@ def compact(cache: DynamicCache, n_block: int, keep: list[int]) -> None:
         layer.keys[..., start : start + k, :] = layer.keys[..., src, :]
         layer.values[..., start : start + k, :] = layer.values[..., src, :]
     cache.crop(-(n_block - k))  # crop(0) still re-trims sliding-window layers
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# batched rows (generation/batched.py): left-aligned rows, each with its own valid length
+# ------------------------------------------------------------------------------------------------------------------
+def batched_layout_supported(cache: DynamicCache) -> bool:
+    """
+    Whether every initialised layer of `cache` holds the same columns (one column per token of the batch's sequences),
+    which the batched layout needs. False for a sliding-window layer already trimmed to its window (a cache carried
+    over from an earlier call); the loop then decodes the rows one after another.
+    """
+    lengths = {layer.keys.shape[-2] for layer in cache.layers if layer.is_initialized}
+    return len(lengths) <= 1
+
+
+def unslide_layers(cache: DynamicCache) -> None:
+    """
+    Turns every `DynamicSlidingWindowLayer` of `cache` into a `DynamicLayer` holding the same tensors.
+
+    In the batched layout rows hold different numbers of valid columns, so trimming the tensor to the last
+    `sliding_window - 1` columns would drop keys a shorter row still needs; the window is enforced by the attention
+    mask instead (`batched_tree_masks`). Call it right after the prefill (the loop records the past, so sliding layers
+    still hold every prompt column, see `batched_layout_supported`).
+    """
+    for i, layer in enumerate(cache.layers):
+        if isinstance(layer, DynamicSlidingWindowLayer):
+            full = DynamicLayer()
+            if layer.is_initialized:
+                full.lazy_initialization(layer.keys, layer.values)
+                full.keys, full.values = layer.keys, layer.values
+            cache.layers[i] = full
+
+
+def keep_rows(cache: DynamicCache, rows: torch.Tensor, width: int | None = None) -> None:
+    """Keeps only batch rows `rows` (`torch.LongTensor` `(b',)`, ascending) of every layer, in place (finished rows
+    stop costing), and only their first `width` columns when given (the longest remaining row)."""
+    for layer in cache.layers:
+        if layer.is_initialized:
+            index = rows.to(layer.keys.device)
+            layer.keys = layer.keys.index_select(0, index)[:, :, :width]
+            layer.values = layer.values.index_select(0, index)[:, :, :width]
+
+
+def compact_rows(cache: DynamicCache, dest: torch.Tensor, src: torch.Tensor, new_length: int) -> None:
+    """
+    Per-row compaction of the batched layout: row `b` copies its columns `src[b]` to columns `dest[b]`, then every
+    layer is cut to `new_length` columns (the longest row).
+
+    Args:
+        cache (`DynamicCache`): the batched cache (no sliding-window layers, see [`unslide_layers`]).
+        dest (`torch.LongTensor` of shape `(b, k)`): target columns per row; rows with fewer than `k` columns repeat
+            their last `(dest, src)` pair (an identical copy, so duplicate writes agree).
+        src (`torch.LongTensor` of shape `(b, k)`): source columns per row (inside the last forward's block).
+        new_length (`int`): columns kept.
+    """
+    rows = torch.arange(dest.shape[0]).view(-1, 1)
+    moved = bool((dest != src).any())
+    for layer in cache.layers:
+        if not layer.is_initialized:
+            continue
+        if moved:
+            device = layer.keys.device
+            b, d, s = rows.to(device), dest.to(device), src.to(device)
+            layer.keys[b, :, d] = layer.keys[b, :, s]
+            layer.values[b, :, d] = layer.values[b, :, s]
+        if layer.keys.shape[-2] > new_length:
+            layer.keys = layer.keys[:, :, :new_length]
+            layer.values = layer.values[:, :, :new_length]
+
+
+def stack_row_caches(caches: list[DynamicCache]) -> tuple[DynamicCache, list[int]]:
+    """
+    One batched cache from batch-1 caches of different lengths, left-aligned (row `b`'s columns `0..len_b - 1` are
+    its own, the rest is never read: the batched masks hide it). Returns the cache and each row's length.
+    """
+    lengths = [cache.get_seq_length() for cache in caches]
+    width = max(lengths)
+    out = copy.copy(caches[0])
+    out.layers = []
+    for i, layer in enumerate(caches[0].layers):
+        new = copy.copy(layer)
+        if layer.is_initialized:
+            keys = layer.keys.new_zeros((len(caches), layer.keys.shape[1], width, layer.keys.shape[3]))
+            values = layer.values.new_zeros((len(caches), layer.values.shape[1], width, layer.values.shape[3]))
+            for b, cache in enumerate(caches):
+                n = cache.layers[i].keys.shape[-2]
+                keys[b, :, :n] = cache.layers[i].keys[0]
+                values[b, :, :n] = cache.layers[i].values[0]
+            new.keys, new.values = keys, values
+        out.layers.append(new)
+    return out, lengths

@@ -267,3 +267,201 @@ class EagleTreeDrafter:
         kept_parents = parents[keep]
         parent_slots = torch.where(kept_parents >= 0, slot_of[kept_parents.clamp(min=0)], torch.zeros_like(kept_parents))
         return DraftTree.from_parents(tokens[keep], parent_slots, scores[keep])
+
+
+class BatchedEagleTreeDrafter:
+    """
+    Drafts EAGLE-2 trees for every unfinished batch row at once: one draft forward per expansion step and one catch-up
+    forward per cycle for all rows (`generation/batched.py`).
+
+    Built from the rows' prefilled [`EagleTreeDrafter`]s ([`from_rows`]): their caches are stacked left-aligned, row
+    `b` holding `lengths[b]` valid columns (the rest is hidden by the masks), exactly the target's batched layout.
+    Every row's trees have the shape of its own knobs and adaptive rule; what the draft proposes never changes the
+    output (verification decides), only how much is accepted.
+
+    Args:
+        rows (`list[EagleTreeDrafter]`): one prefilled drafter per batch row (same draft, knobs and device).
+    """
+
+    def __init__(self, rows: list[EagleTreeDrafter]):
+        from .cache_utils import stack_row_caches
+
+        first = rows[0]
+        self.draft, self.embed_tokens, self.lm_head, self.knobs = first.draft, first.embed_tokens, first.lm_head, first.knobs
+        self.device, self.dtype = first.device, first.dtype
+        self.sizers = [row.sizer for row in rows]
+        self.cache, lengths = stack_row_caches([row.cache for row in rows])
+        self.lengths = torch.tensor(lengths, dtype=torch.long, device=self.device)  # valid draft-cache columns per row
+        self.next_position = torch.tensor([row.next_position for row in rows], dtype=torch.long, device=self.device)
+        self.last_hidden = torch.cat([row.last_hidden for row in rows])  # (b, hidden)
+        self.stats = DrafterStats(
+            forwards=sum(row.stats.forwards for row in rows),
+            prefill_tokens=sum(row.stats.prefill_tokens for row in rows),
+            prefill_seconds=sum(row.stats.prefill_seconds for row in rows),
+            seconds=sum(row.stats.seconds for row in rows),
+        )
+        for row in rows:  # the visual compressor's choices of every row's prefill
+            for name, count in row.stats.compressor_choices.items():
+                self.stats.compressor_choices[name] = self.stats.compressor_choices.get(name, 0) + count
+        self.last_step_seconds: float | None = None
+
+    _logprobs = EagleTreeDrafter._logprobs
+    _embed = EagleTreeDrafter._embed
+
+    def keep_rows(self, keep: torch.Tensor) -> None:
+        """Keeps batch rows `keep` (`torch.LongTensor`, ascending); the others are finished."""
+        from .cache_utils import keep_rows
+
+        keep = keep.to(self.device)
+        self.lengths, self.next_position = self.lengths[keep], self.next_position[keep]
+        self.last_hidden = self.last_hidden[keep]
+        self.sizers = [self.sizers[i] for i in keep.tolist()]
+        keep_rows(self.cache, keep, int(self.lengths.max()))
+
+    def _prefix_mask(self, n_query: int) -> torch.Tensor:
+        """`(b, 1, n_query, S)` additive mask of the cache's columns: row `b` sees its first `lengths[b]` columns."""
+        width = self.cache.get_seq_length()
+        visible = torch.arange(width, device=self.device)[None] < self.lengths[:, None]  # (b, S)
+        neg = torch.finfo(self.dtype).min
+        mask = torch.zeros((visible.shape[0], 1, n_query, width), dtype=self.dtype, device=self.device)
+        return mask.masked_fill(~visible[:, None, None, :], neg)
+
+    def extend(self, features: torch.Tensor, next_tokens: torch.Tensor, counts: torch.Tensor) -> None:
+        """
+        Catch-up over each row's newly committed pairs.
+
+        Args:
+            features (`torch.FloatTensor` of shape `(b, k, feature_width)`): per row, features of the root and its
+                accepted nodes, padded to `k`.
+            next_tokens (`torch.LongTensor` of shape `(b, k)`): the tokens following each of them, padded to `k`.
+            counts (`torch.LongTensor` of shape `(b,)`): committed pairs per row (`1 <= counts <= k`).
+        """
+        from .cache_utils import compact_rows
+
+        started = time.perf_counter()
+        counts = counts.to(self.device)
+        b, k = next_tokens.shape
+        width = self.cache.get_seq_length()
+        neg = torch.finfo(self.dtype).min
+        steps = torch.arange(k, device=self.device)
+        causal = steps[None, :] <= steps[:, None]  # (k, k)
+        block = torch.zeros((b, 1, k, k), dtype=self.dtype, device=self.device).masked_fill(~causal[None, None], neg)
+        mask = torch.cat([self._prefix_mask(k), block], dim=-1)
+        out = self.draft(
+            inputs_embeds=self._embed(next_tokens),
+            target_hidden_states=features.to(self.device),
+            attention_mask=mask,
+            position_ids=self.next_position[:, None] + steps[None],
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.stats.forwards += 1
+        rows = torch.arange(b, device=self.device)
+        self.last_hidden = out.last_hidden_state[rows, counts - 1]
+        # row b's new columns sit at width .. width + counts[b] - 1: move them right after its valid ones
+        index = torch.minimum(steps[None], counts[:, None] - 1)  # (b, k), padded entries repeat the last pair
+        compact_rows(self.cache, self.lengths[:, None] + index, width + index, int((self.lengths + counts).max()))
+        self.lengths = self.lengths + counts
+        self.next_position = self.next_position + counts
+        _synchronize(self.device)
+        self.stats.seconds += time.perf_counter() - started
+
+    @torch.no_grad()
+    def propose(self) -> list[DraftTree]:
+        """Grows one EAGLE-2 tree per row (batched expansion) and returns them in row order."""
+        top_k, max_depth, budget = self.knobs.top_k, self.knobs.depth, self.knobs.total_tokens
+        depths = [sizer.depth if sizer is not None else max_depth for sizer in self.sizers]
+        depth = max(depths)
+        b = self.last_hidden.shape[0]
+        device, neg = self.device, torch.finfo(self.dtype).min
+        width = self.cache.get_seq_length()
+        rows = torch.arange(b, device=device)[:, None]
+
+        started = time.perf_counter()
+        logp = self._logprobs(self.last_hidden)  # (b, V')
+        self.stats.seconds += time.perf_counter() - started
+        k0 = min(top_k, logp.shape[-1])
+        top = torch.topk(logp, k0, dim=-1)
+        rec_tokens = [self.draft.draft_to_target(top.indices)]
+        rec_scores = [top.values]
+        rec_parents = [torch.full((b, k0), -1, dtype=torch.long, device=device)]
+        step_ends = [k0]  # records per row after each step
+        n_rec = k0
+        frontier = torch.arange(k0, device=device)[None].expand(b, -1)
+        frontier_parents = rec_parents[0]
+        frontier_scores = top.values
+        frontier_feed = self.last_hidden[:, None].expand(-1, k0, -1)
+        frontier_tokens = rec_tokens[0]
+        max_fed = top_k * max(depth - 1, 0)
+        scratch_anc = torch.zeros((b, max_fed, max_fed), dtype=torch.bool, device=device)
+        scratch_of = torch.full((b, k0 + (depth - 1) * top_k * top_k), -1, dtype=torch.long, device=device)
+        prefix = self._prefix_mask(top_k) if depth > 1 else None
+        n_fed = 0
+        step_seconds = 0.0
+        for step in range(1, depth):
+            n_front = frontier.shape[1]
+            new = torch.arange(n_fed, n_fed + n_front, device=device)
+            if step > 1:
+                scratch_anc[:, new, :n_fed] = scratch_anc[rows, scratch_of[rows, frontier_parents], :n_fed]
+            scratch_anc[:, new, new] = True
+            scratch_of[rows, frontier] = new[None]
+            n_fed += n_front
+            allowed = scratch_anc[:, new, :n_fed]  # (b, n_front, n_fed)
+            tree_part = torch.zeros((b, 1, n_front, n_fed), dtype=self.dtype, device=device)
+            tree_part.masked_fill_(~allowed[:, None], neg)
+            mask = torch.cat([prefix[:, :, :n_front], tree_part], dim=-1)
+            positions = (self.next_position + step - 1)[:, None].expand(-1, n_front)
+            started = time.perf_counter()
+            out = self.draft(
+                inputs_embeds=self._embed(frontier_tokens),
+                target_hidden_states=frontier_feed,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=self.cache,
+                use_cache=True,
+            )
+            hidden = out.last_hidden_state  # (b, n_front, H)
+            child_logp = self._logprobs(hidden)  # (b, n_front, V')
+            _synchronize(device)
+            step_seconds += time.perf_counter() - started
+            self.stats.forwards += 1
+            kc = min(top_k, child_logp.shape[-1])
+            child = torch.topk(child_logp, kc, dim=-1)
+            cand_scores = (frontier_scores[:, :, None] + child.values).flatten(1)  # (b, n_front * kc)
+            cand_tokens = self.draft.draft_to_target(child.indices).flatten(1)
+            cand_parents = frontier.repeat_interleave(kc, dim=1)
+            rec_tokens.append(cand_tokens)
+            rec_scores.append(cand_scores)
+            rec_parents.append(cand_parents)
+            step_ends.append(step_ends[-1] + cand_scores.shape[1])
+            if step == depth - 1:
+                break
+            best = torch.topk(cand_scores, min(top_k, cand_scores.shape[1]), dim=-1).indices  # (b, K)
+            frontier = n_rec + best
+            frontier_parents = cand_parents.gather(1, best)
+            frontier_scores = cand_scores.gather(1, best)
+            frontier_tokens = cand_tokens.gather(1, best)
+            frontier_feed = hidden[rows, best // kc]
+            n_rec += cand_scores.shape[1]
+
+        if n_fed:
+            self.cache.crop(-n_fed)
+        self.stats.seconds += step_seconds
+        self.last_step_seconds = step_seconds / (depth - 1) if depth > 1 else None
+
+        tokens = torch.cat(rec_tokens, dim=1).cpu()  # one transfer for every row
+        scores = torch.cat(rec_scores, dim=1).float().cpu()
+        parents = torch.cat(rec_parents, dim=1).cpu()
+        trees = []
+        for r in range(b):
+            n = step_ends[depths[r] - 1]
+            row_tokens, row_scores, row_parents = tokens[r, :n], scores[r, :n], parents[r, :n]
+            row_budget = self.sizers[r].budget(row_scores) if self.sizers[r] is not None else budget
+            keep = select_nodes(row_scores, row_parents, row_budget)
+            slot_of = torch.full((n,), -1, dtype=torch.long)
+            slot_of[keep] = torch.arange(1, keep.numel() + 1)
+            kept_parents = row_parents[keep]
+            parent_slots = torch.where(kept_parents >= 0, slot_of[kept_parents.clamp(min=0)],
+                                       torch.zeros_like(kept_parents))
+            trees.append(DraftTree.from_parents(row_tokens[keep], parent_slots, row_scores[keep]))
+        return trees

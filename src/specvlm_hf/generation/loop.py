@@ -3,7 +3,10 @@
 It follows the contract of transformers' decoding methods (same arguments as `_assisted_decoding`, same return types)
 and is reached through the route installed at import (`specvlm_hf.generation.route`).
 
-Per row (batch rows are decoded one after another after one batched prefill and vision pass):
+Batch size > 1: after one batched prefill and vision pass, every unfinished row's tree is verified in one target
+forward per cycle (`batched.py`, which documents the batched KV layout); exact verification (bf16/fp16 with
+`exact_attention.py`) and caches whose sliding-window layers an earlier call trimmed keep the per-row loop below
+(routed explicitly, [`_batched_route`]). The steps, per row:
 
 1. prefill the target (vision encoding included) with `output_hidden_states` for the draft's taps; emit the first
    token exactly as plain decoding does;
@@ -29,8 +32,18 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import logging
 
 from .acceptance import sample_token, walk_tree
-from .cache_utils import check_cache_supported, compact, select_row, tree_attention_mask
-from .drafter import TreeKnobs
+from transformers.cache_utils import DynamicSlidingWindowLayer
+
+from .batched import BatchedTreeDecoder, PerRowDrafters
+from .cache_utils import (
+    batched_layout_supported,
+    check_cache_supported,
+    compact,
+    select_row,
+    tree_attention_mask,
+    unslide_layers,
+)
+from .drafter import BatchedEagleTreeDrafter, EagleTreeDrafter, TreeKnobs
 from .adaptive import AdaptiveTreeSizer
 from .drafters import DrafterContext, EagleDrafterFactory
 from .ngram import merge_branch, ngram_candidate
@@ -284,12 +297,21 @@ class _RowDecoder:
         self.padded_batch = padded_batch  # the call's batch had left padding (plain decoding then masks every row)
         self.sizer = sizer  # adaptive tree rule fed with every cycle's measurements (adaptive.py)
         self.ngram_tokens, self.ngram_max = ngram  # the n-gram branch (ngram.py); 0 tokens = off
+        self.row, self.batch_size = 0, 1  # the row's index in the generate call's batch, and that batch's size
         self.scores: list[torch.Tensor] = []
         self.raw_logits: list[torch.Tensor] = []
 
     # one token from one slot's logits, on that slot's own prefix
     def _choose(self, prefix: torch.Tensor, logits: torch.Tensor) -> int:
-        processed = self.logits_processor(prefix, logits) if len(self.logits_processor) else logits
+        if not len(self.logits_processor):
+            processed = logits
+        elif self.batch_size > 1:
+            # processors may keep per-batch-row state (the repetition penalty's padding lengths, a prefix function's
+            # batch id): call them batch-shaped, this row's prefix in every row, and keep this row's result
+            processed = self.logits_processor(prefix.repeat(self.batch_size, 1), logits.repeat(self.batch_size, 1))
+            processed = processed[self.row : self.row + 1]
+        else:
+            processed = self.logits_processor(prefix, logits)
         if self.keep_scores:
             self.scores.append(processed)
         if self.keep_logits:
@@ -517,6 +539,7 @@ def _decode(target, draft, input_ids, logits_processor, stopping_criteria, gener
     position_ids = model_kwargs.get("position_ids")
     mrope_axes = 3 if position_ids is not None and position_ids.dim() == 3 else 0
     embed_tokens, lm_head = target.get_input_embeddings(), target.get_output_embeddings()
+    layer_types = getattr(target.config.get_text_config(), "layer_types", None)
 
     n_pads = [int(prompt_len - attention_mask[r].sum()) if attention_mask is not None else 0 for r in range(batch_size)]
     # The draft catches up on the prefilled positions only (a prefix already in the cache has no target features; the
@@ -534,12 +557,20 @@ def _decode(target, draft, input_ids, logits_processor, stopping_criteria, gener
 
     stats = SpeculationStats(exact_verification=exact, target_seconds=prefill_seconds,
                              target_prefill_seconds=prefill_seconds)
+    batched = batch_size > 1 and _batched_route(cache, exact, generation_config)
+    windows: dict[str, int] = {}
+    if batched:
+        windows = {layer_types[i] if layer_types else "full_attention": layer.sliding_window
+                   for i, layer in enumerate(cache.layers) if isinstance(layer, DynamicSlidingWindowLayer)}
+        unslide_layers(cache)
     rows: list[torch.Tensor] = []
     row_decoders: list[_RowDecoder] = []
+    pending: list[tuple[int, Any]] = []  # batched route: (row, prefilled drafter) of the rows still decoding
     for r in range(batch_size):
         n_pad = n_pads[r]
-        row_cache = cache if batch_size == 1 else select_row(cache, r)
-        row_cache.crop(0)  # re-trim sliding-window layers, as plain assisted decoding does
+        row_cache = cache if batch_size == 1 or batched else select_row(cache, r)
+        if not batched:
+            row_cache.crop(0)  # re-trim sliding-window layers, as plain assisted decoding does
         if position_ids is None:
             next_position = prompt_len - n_pad
         elif mrope_axes:
@@ -554,6 +585,7 @@ def _decode(target, draft, input_ids, logits_processor, stopping_criteria, gener
         decoder = _RowDecoder(target, draft, drafter, row_cache, n_pad, next_position, mrope_axes, layer_ids, head,
                               logits_processor, stopping_criteria, generation_config, streamer, row_stats, exact,
                               padded_batch=any(n_pads), sizer=sizer, ngram=ngram)
+        decoder.row, decoder.batch_size = r, batch_size
         ids, finished = decoder.first_token(input_ids[r : r + 1], last_logits[r : r + 1])
         if not finished:
             first = ids[:, -1:]
@@ -562,25 +594,29 @@ def _decode(target, draft, input_ids, logits_processor, stopping_criteria, gener
             visual_mask = paired_visual_mask(paired_rows[r], visual_ids) if visual_ids else None
             drafter.prefill(row_embeds, features[r : r + 1, offset:], visual_mask, grids[r] if grids else None,
                             start_position=starts[r] - n_pad)
-            ids = decoder.run(ids)
-        row_stats.draft_forwards = drafter.stats.forwards
-        row_stats.draft_prefill_tokens = drafter.stats.prefill_tokens
-        row_stats.draft_prefill_seconds = drafter.stats.prefill_seconds
-        row_stats.draft_seconds = drafter.stats.seconds
-        row_stats.compressor_choices = drafter.stats.compressor_choices
-        stats = stats.merge(row_stats)
+            if batched:
+                pending.append((r, drafter))
+            else:
+                ids = decoder.run(ids)
+        if not batched:
+            stats = stats.merge(_with_drafter_stats(row_stats, drafter.stats))
+        else:
+            stats = stats.merge(row_stats) if finished else stats
         rows.append(ids)
         row_decoders.append(decoder)
+    if batched:
+        del embeddings, features, hidden_states
+        rows, stats = _decode_batched(target, draft, cache, row_decoders, pending, rows, windows, stats)
     if streamer is not None:
         streamer.end()
     stats.total_seconds = time.perf_counter() - started
 
-    width = max(row.shape[1] for row in rows)
+    width = max(row.shape[-1] for row in rows)
     pad_id = generation_config._pad_token_tensor
     pad_value = int(pad_id.flatten()[0]) if pad_id is not None else 0
     sequences = torch.full((batch_size, width), pad_value, dtype=input_ids.dtype, device=input_ids.device)
     for r, row in enumerate(rows):
-        sequences[r, : row.shape[1]] = row[0]
+        sequences[r, : row.shape[-1]] = row.reshape(-1)
     if not generation_config.return_dict_in_generate:
         return sequences
     decoder = row_decoders[0]
@@ -591,3 +627,62 @@ def _decode(target, draft, input_ids, logits_processor, stopping_criteria, gener
         past_key_values=cache if batch_size == 1 else None,
         speculation=stats,
     )
+
+
+def _batched_route(cache, exact: bool, generation_config: "GenerationConfig") -> bool:
+    """
+    Whether a batch > 1 is verified in one forward per cycle (`batched.py`) rather than row after row. The per-row loop
+    stays for: exact verification (its row-wise attention lays out one row's keys at a time), a cache whose
+    sliding-window layers an earlier call already trimmed (rows would not share columns), and
+    `tree_batched=False` per call (a diagnostic).
+    """
+    if getattr(generation_config, "tree_batched", None) is False:
+        return False
+    return not exact and batched_layout_supported(cache)
+
+
+def _with_drafter_stats(row_stats: SpeculationStats, drafter_stats) -> SpeculationStats:
+    """A row's stats with its drafter's counters filled in."""
+    row_stats.draft_forwards = drafter_stats.forwards
+    row_stats.draft_prefill_tokens = drafter_stats.prefill_tokens
+    row_stats.draft_prefill_seconds = drafter_stats.prefill_seconds
+    row_stats.draft_seconds = drafter_stats.seconds
+    row_stats.compressor_choices = drafter_stats.compressor_choices
+    return row_stats
+
+
+def _decode_batched(target, draft, cache, decoders: list[_RowDecoder], pending: list[tuple[int, Any]],
+                    rows: list[torch.Tensor], windows: dict[str, int], stats: SpeculationStats):
+    """
+    Runs the rows still decoding after their first token through [`BatchedTreeDecoder`] and returns every row's ids
+    and the merged stats. The EAGLE draft drafts batched ([`BatchedEagleTreeDrafter`]); other drafters row by row.
+    """
+    if not pending:
+        return rows, stats
+    active = [r for r, _ in pending]
+    drafters = [drafter for _, drafter in pending]
+    if all(type(drafter) is EagleTreeDrafter for drafter in drafters):
+        batch_drafter = BatchedEagleTreeDrafter(drafters)
+        for drafter in drafters:
+            drafter.cache = None  # the batched drafter holds the rows' draft caches now
+    else:
+        batch_drafter = PerRowDrafters(drafters)
+    lengths = [row.shape[-1] for row in rows]
+    capacity = max(lengths) + 64
+    sequences = rows[0].new_zeros((len(rows), capacity))
+    for r, row in enumerate(rows):
+        sequences[r, : row.shape[-1]] = row.reshape(-1)
+    decoder = BatchedTreeDecoder(target, draft, cache, decoders, batch_drafter, active, sequences, lengths, windows)
+    decoder.run()
+    out_rows = [decoder.sequences[r, : decoder.lengths[r]] for r in range(len(rows))]
+    for r in active:
+        stats = stats.merge(decoders[r].stats)
+    if isinstance(batch_drafter, BatchedEagleTreeDrafter):
+        draft_stats = batch_drafter.stats
+        stats = stats.merge(_with_drafter_stats(SpeculationStats(), draft_stats))
+    else:
+        for drafter in drafters:
+            stats = stats.merge(_with_drafter_stats(SpeculationStats(), drafter.stats))
+    stats.batched_forwards = decoder.verify_forwards
+    stats.target_seconds += decoder.verify_seconds
+    return out_rows, stats

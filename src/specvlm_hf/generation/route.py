@@ -23,7 +23,8 @@ _ROUTE_FLAG = "_specvlm_route"
 #: config instead of rejecting them as unknown model kwargs.
 GENERATE_KNOBS = ("tree_top_k", "tree_depth", "tree_total_tokens")
 #: Per-call switches of the loop (default `None` = automatic), declared on `GenerationConfig` like the tree knobs.
-GENERATE_SWITCHES = ("exact_verification", "tree_drafter", "tree_adaptive", "tree_ngram_tokens", "tree_ngram_max")
+GENERATE_SWITCHES = ("exact_verification", "tree_drafter", "tree_adaptive", "tree_ngram_tokens", "tree_ngram_max",
+                     "tree_batched")
 
 
 def is_specvlm_draft(model: Any) -> bool:

@@ -40,6 +40,9 @@ class SpeculationStats:
             LM head included).
         total_seconds (`float`): wall time of the whole decoding call; `total - target - draft` is the loop's own
             time (tree building, masks, acceptance walk, stopping checks, cache compaction, Python).
+        batched_forwards (`int`): verification forwards that verified several rows at once (batch > 1: one per cycle
+            for every unfinished row, `generation/batched.py`); `target_forwards` counts row-cycles, so the mean
+            acceptance length keeps its per-row meaning; 0 when rows were verified one by one.
         exact_verification (`bool`): whether verification ran the exact row-wise attention
             (`specvlm_hf.generation.exact_attention`), which makes reduced-precision greedy output bitwise equal to
             plain decoding on machines whose kernels pass the probe.
@@ -61,6 +64,7 @@ class SpeculationStats:
     target_prefill_seconds: float = 0.0
     draft_seconds: float = 0.0
     total_seconds: float = 0.0
+    batched_forwards: int = 0
     exact_verification: bool = False
 
     def record_cycle(self, n_accepted_draft: int, n_emitted: int, n_drafted: int) -> None:
@@ -81,7 +85,7 @@ class SpeculationStats:
         out = SpeculationStats(**asdict(self))
         for name in ("target_forwards", "draft_forwards", "tokens_emitted", "accepted_draft_tokens", "drafted_tokens",
                      "prefill_tokens", "draft_prefill_tokens", "draft_prefill_seconds", "target_seconds",
-                     "target_prefill_seconds", "draft_seconds"):
+                     "target_prefill_seconds", "draft_seconds", "batched_forwards"):
             setattr(out, name, getattr(self, name) + getattr(other, name))
         out.exact_verification = self.exact_verification or other.exact_verification
         out.total_seconds = max(self.total_seconds, other.total_seconds)  # one call's wall time, not a per-row sum
