@@ -228,8 +228,11 @@ def test_text_only_target(tmp_path):
     for record in records:
         if record["method"].startswith("specvlm"):
             assert record["exact_match"] == 1.0
+            assert record["exact_match_per_row"] == [True, True]  # one call of 2 rows at batch 2, two calls at 1
             if record["batch_size"] == 2:
-                assert "one after another" in record["note"]
+                assert "one forward per cycle" in record["note"]
+                assert record["batched_forwards"] >= 1
+                assert set(record["time_fractions"]) == {"target_forward", "draft", "loop"}
 
 
 def test_flags_are_kebab_case_with_snake_case_aliases(tiny_bench_assets, tmp_path, capsys, no_model_load):

@@ -665,12 +665,15 @@ def aggregate(
         `list[dict]` with keys `method`, `variant`, `oracle_depth`, `temperature`, `batch_size`, `available`, `note`,
         `speedup`, `decode_speedup`, `speedup_tokens_per_s`, `seconds`, `generate_seconds`, `new_tokens`,
         `tokens_per_s`, `ttft_seconds`, `mean_accept_len`, `mean_accept_len_no_bonus`, `acceptance_per_depth`,
-        `target_forwards`, `exact_match`, `identical_to_generate`, `divergences` (a list at temperature 0 with
+        `target_forwards`, `exact_match`, `exact_match_per_row` (at temperature 0, one bool per row of every paired
+        call: equal to plain `generate`'s row), `identical_to_generate`, `divergences` (a list at temperature 0 with
         `references`, else `None`), `peak_memory_mib`, `peak_memory_increase_mib`, `peak_memory_kind`, `calls`,
         `tree_top_k`, `tree_depth`, `tree_total_tokens`; for SpecVLM methods (`None` / `{}` otherwise) the per-prompt
         draft prefill costs of [`draft_prefill_costs`] (`draft_prefill_ms`, `draft_prefill_tokens`,
         `draft_prefill_gflops`, `draft_kv_mib`, `compressor_choices`), `time_fractions` ([`time_fractions`]) and
-        `exact_verification` (whether every call verified with exact row-wise attention); for `oracle` records the
+        `exact_verification` (whether every call verified with exact row-wise attention), `batched_forwards`
+        (verification forwards that verified every unfinished row of a batch at once; 0 when rows were verified one
+        after another); for `oracle` records the
         [`ORACLE_KEYS`] of [`oracle_bound`].
     """
     ttft_median = {unit: statistics.median(values) for unit, values in ttft.items() if values}
@@ -681,8 +684,6 @@ def aggregate(
             note = method.unsupported_batch_sizes.get(batch_size, method.note) if method.available else method.note
             if not method.runs_at_temperature(temperature):
                 note = ORACLE_T_NOTE
-            elif method.is_specvlm and method.available and batch_size > 1:
-                note = "; ".join(filter(None, [note, "rows verified one after another after one batched prefill"]))
             record: dict[str, Any] = {
                 "method": method.name,
                 "variant": method.variant,
@@ -698,6 +699,8 @@ def aggregate(
                 "compressor_choices": {} if method.is_specvlm else None,
                 "time_fractions": None,
                 "exact_verification": None,
+                "batched_forwards": None,
+                "exact_match_per_row": None,
                 **(dict.fromkeys(ORACLE_KEYS) if method.is_oracle else {}),
             }
             mine = [r for r in runs if r.method == method.label and r.temperature == temperature]
@@ -735,7 +738,13 @@ def aggregate(
                     time_fractions=time_fractions(call_stats),
                     exact_verification=(all(bool(getattr(s, "exact_verification", False)) for s in call_stats)
                                         if call_stats else None),
+                    batched_forwards=stats.batched_forwards,
                 )
+                if batch_size > 1:
+                    how = ("all unfinished rows verified in one forward per cycle" if stats.batched_forwards
+                           else "rows verified one after another after one batched prefill (exact verification)")
+                    note = "; ".join(filter(None, [note, how]))
+                    record["note"] = note
             elif batch_size == 1:
                 # tokens per verification forward: the prefill forward emits the first token of each call
                 emitted = sum(max(r.new_tokens - 1, 0) for r, _ in paired)
@@ -757,6 +766,7 @@ def aggregate(
                 acceptance_per_depth=per_depth,
                 target_forwards=sum(r.target_forwards for r, _ in paired),
                 exact_match=identical if temperature == 0 else None,
+                exact_match_per_row=[a == b for a, b in rows] if temperature == 0 else None,
                 identical_to_generate=identical,
                 divergences=(find_divergences(((r.unit, r.outputs) for r, _ in paired), references, batch_size)
                              if temperature == 0 and references else None),
