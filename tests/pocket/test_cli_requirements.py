@@ -84,8 +84,12 @@ def test_missing_weight_packages_and_assets_are_user_errors(monkeypatch, tmp_pat
 def test_bad_pocket_flags_are_one_line_user_errors(capsys):
     with pytest.raises(UserValueError, match="invalid choice: 'nope'"):
         pocket_cli.main(["train-compressors", "--variants", "nope"])
-    with pytest.raises(UserValueError, match="invalid int value"):
+    with pytest.raises(UserValueError, match="invalid float value"):
         pocket_cli.main(["train-draft", "--epochs", "many"])
+    with pytest.raises(UserValueError, match="invalid int value"):
+        pocket_cli.main(["build-corpus", "--batch-size", "many"])
+    with pytest.raises(UserValueError, match="--batch-size must be positive"):
+        pocket_cli.main(["build-corpus", "--batch-size", "0"])
     assert specvlm_hf.cli.main(["pocket", "build", "--dtype", "int3"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "invalid choice: 'int3'" in line

@@ -13,7 +13,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from specvlm_hf import SpecVLMDraftModel
 from specvlm_hf.pocket.draft import load_pocket_draft
-from specvlm_hf.pocket.train_draft import epoch_acceptance, plot_acceptance_curve, self_distill_batched, split_records
+from specvlm_hf.errors import UserValueError
+from specvlm_hf.pocket.corpus import self_distill_corpus
+from specvlm_hf.pocket.train_draft import epoch_acceptance, plot_acceptance_curve, split_records
 from specvlm_hf.testing.tiny_models import build_tiny_target
 from specvlm_hf.testing.tiny_processors import build_tiny_processor
 
@@ -24,42 +26,59 @@ def tiny():
     return build_tiny_target("llava"), build_tiny_processor("llava")
 
 
-def _records(tmp_path):
+def _records(tmp_path, max_new_tokens=6):
     for index, color in enumerate(("red", "green", "blue")):
         Image.new("RGB", (24, 24), color).save(tmp_path / f"im{index}.png")
-    return [
+    records = [
         {"id": "a", "images": ["im0.png"], "conversations": [{"from": "human", "value": "<image>\ndescribe the image"}]},
         {"id": "b", "images": [], "conversations": [{"from": "human", "value": "what is the color of the sky ?"}]},
         {"id": "c", "images": ["im1.png", "im2.png"],
          "conversations": [{"from": "human", "value": "<image>\n<image>\nwhat is in the picture ?"}]},
         {"id": "d", "images": ["im2.png"], "conversations": [{"from": "human", "value": "<image>\nwhat color ?"}]},
+        {"id": "e", "images": [], "conversations": [{"from": "human", "value": "what is a cat ?"}]},
     ]
+    for record in records:
+        record["max_new_tokens"] = max_new_tokens if record["id"] != "e" else max_new_tokens + 3
+    return records
 
 
-def test_self_distill_batched_matches_one_by_one_and_resumes(tiny, tmp_path):
+def _distill(target, processor, records, out, batch_size=4, chunk_size=1024):
+    return self_distill_corpus(
+        target, processor, records, out, batch_size=batch_size, chunk_size=chunk_size, show_progress=False
+    )
+
+
+def test_self_distill_corpus_matches_one_by_one_and_resumes(tiny, tmp_path):
     target, processor = tiny
     records = _records(tmp_path)
     out = tmp_path / "train.jsonl"
-    written = self_distill_batched(target, processor, records[:2], out, max_new_tokens=6, batch_size=4,
-                                   show_progress=False)
-    assert written == 2
-    written = self_distill_batched(target, processor, records, out, max_new_tokens=6, batch_size=4,
-                                   show_progress=False)
-    assert written == 2  # a and b were already answered
+    with pytest.raises(UserValueError, match="another input"):  # a prefix is another input: never mixed in
+        _distill(target, processor, records[:2], out)
+        _distill(target, processor, records, out)
+    out.unlink()
+    stats = _distill(target, processor, records, out, chunk_size=2)
+    assert stats["written"] + stats["empty"] == 5 and stats["already_done"] == 0
+    assert stats["records_per_second"] > 0 and stats["answer_tokens"] > 0
+    again = _distill(target, processor, records, out, chunk_size=2)  # resumes: nothing left to answer
+    assert again["written"] == 0 and again["already_done"] == stats["written"]
     rows = {row["id"]: row for row in map(json.loads, out.read_text().splitlines())}
-    assert sorted(rows) == ["a", "b", "c", "d"]
-    single = tmp_path / "single.jsonl"
+    assert sum(row["answer_tokens"] for row in rows.values()) == stats["answer_tokens"]
+    single = tmp_path / "single"
+    single.mkdir()
     for record in records:  # batch size 1: no padding at all
-        self_distill_batched(target, processor, [record], single, max_new_tokens=6, batch_size=1, show_progress=False)
-    singles = {row["id"]: row for row in map(json.loads, single.read_text().splitlines())}
+        for index in range(3):
+            (single / f"im{index}.png").write_bytes((tmp_path / f"im{index}.png").read_bytes())
+        _distill(target, processor, [record], single / f"{record['id']}.jsonl", batch_size=1)
     for key, row in rows.items():
+        (one,) = map(json.loads, (single / f"{key}.jsonl").read_text().splitlines())
         assert row["conversations"][-1]["from"] == "gpt"
-        assert row["conversations"] == singles[key]["conversations"]
+        assert row["conversations"] == one["conversations"]
+        assert row["answer_tokens"] == one["answer_tokens"] <= row["max_new_tokens"]
     train, held_out = split_records(out, 1)
-    assert len(train) == 3 and len(held_out) == 1
+    assert len(train) == len(rows) - 1 and len(held_out) == 1
     assert all(str(tmp_path) in str(path) for record in train for path in record["images"])
     with pytest.raises(ValueError, match="need more than"):
-        split_records(out, 4)
+        split_records(out, len(rows))
 
 
 def test_epoch_rows_and_plot(tmp_path):

@@ -88,18 +88,55 @@ def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
     draft = commands.add_parser(
         "train-draft", help="reproduce the shipped SpecVLM draft (self-distilled data + online distillation, CPU)"
     )
-    draft.add_argument("--epochs", type=int, default=recipe.epochs)
+    draft.add_argument("--epochs", type=float, default=recipe.epochs)
     draft.add_argument("--learning-rate", type=float, default=recipe.learning_rate)
     draft.add_argument("--batch-size", type=int, default=recipe.batch_size)
     draft.add_argument("--draft-vocab-size", type=int, default=recipe.draft_vocab_size)
-    draft.add_argument("--image-records", type=int, default=recipe.image_records)
-    draft.add_argument("--compare-records", type=int, default=recipe.compare_records)
-    draft.add_argument("--text-records", type=int, default=recipe.text_records)
-    draft.add_argument("--max-new-tokens", type=int, default=recipe.max_new_tokens, help="longest self-distilled answer")
+    draft.add_argument(
+        "--train-records", type=int, default=None, help="train on the first N corpus records (default: all)"
+    )
+    draft.add_argument("--ttt-steps", type=int, default=recipe.ttt_steps, help="training-time test steps (1: EAGLE-1)")
+    draft.add_argument("--ttt-decay", type=float, default=recipe.ttt_decay, help="loss weight decay per TTT step")
+    draft.add_argument(
+        "--target-layer-ids", type=int, nargs="+", default=None,
+        help="target layers the draft reads (default: the last; e.g. 2 15 -1 for EAGLE-3-style fusion)",
+    )
+    draft.add_argument("--teacher-dtype", default=recipe.teacher_dtype, choices=["auto", *DTYPES])
+    draft.add_argument(
+        "--evaluations-per-epoch", type=int, default=recipe.evaluations_per_epoch,
+        help="bench-prompt acceptance measurements (fp32, T=0 and 1) per epoch",
+    )
     draft.add_argument("--seed", type=int, default=recipe.seed)
+    draft.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the work dir")
+    draft.add_argument(
+        "--corpus-dir", type=Path, default=None,
+        help="the build-corpus folder (default: the cache's; the committed corpus when there is none)",
+    )
     draft.add_argument("--work-dir", type=Path, default=None, help="data and trainer folder (default: cache)")
     draft.add_argument("--output-dir", type=Path, default=None, help="where the draft is written (default: assets)")
     draft.add_argument("--num-threads", type=int, default=0, help="torch threads (0: torch default)")
+
+    from .corpus import CorpusRecipe
+
+    corpus_recipe = CorpusRecipe()
+    corpus = commands.add_parser(
+        "build-corpus",
+        help="the draft's training corpus at scale: >10,000 prompts (disjoint from the benchmark) answered by the "
+        "pocket VLM in large batches (resumable)",
+    )
+    corpus.add_argument("--image-records", type=int, default=corpus_recipe.image_records)
+    corpus.add_argument("--multi-image-records", type=int, default=corpus_recipe.multi_image_records)
+    corpus.add_argument("--text-records", type=int, default=corpus_recipe.text_records)
+    corpus.add_argument("--long-answer-fraction", type=float, default=corpus_recipe.long_answer_fraction)
+    corpus.add_argument("--max-new-tokens", type=int, default=corpus_recipe.max_new_tokens)
+    corpus.add_argument("--long-max-new-tokens", type=int, default=corpus_recipe.long_max_new_tokens)
+    corpus.add_argument("--seed", type=int, default=corpus_recipe.seed)
+    corpus.add_argument("--batch-size", type=int, default=64, help="rows per generate call (left-padded)")
+    corpus.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="generation dtype (auto: policy)")
+    corpus.add_argument("--limit", type=int, default=None, help="answer only the first N prompts (a balanced prefix)")
+    corpus.add_argument("--work-dir", type=Path, default=None, help="default: cache/pocket-draft/corpus")
+    corpus.add_argument("--export", action="store_true", help="also write the gzipped copy committed in assets/")
+    corpus.add_argument("--num-threads", type=int, default=0, help="torch threads (0: torch default)")
 
     ablation = commands.add_parser(
         "train-compressors", help="fine-tune compressor variants of the shipped draft for the #4 ablation"
@@ -167,19 +204,47 @@ def main(argv: list[str] | None = None) -> int:
     if args.pocket_command == "train-draft":
         from .train_draft import DRAFT_DIR, PocketDraftRecipe, train_pocket_draft
 
+        if args.epochs <= 0 or args.batch_size <= 0 or args.ttt_steps < 1:
+            raise UserValueError("--epochs and --batch-size must be positive and --ttt-steps at least 1")
         recipe = PocketDraftRecipe(
             epochs=args.epochs,
             learning_rate=args.learning_rate,
             batch_size=args.batch_size,
             draft_vocab_size=args.draft_vocab_size,
-            image_records=args.image_records,
-            compare_records=args.compare_records,
-            text_records=args.text_records,
-            max_new_tokens=args.max_new_tokens,
+            train_records=args.train_records,
+            ttt_steps=args.ttt_steps,
+            ttt_decay=args.ttt_decay,
+            target_layer_ids=args.target_layer_ids,
+            teacher_dtype=args.teacher_dtype,
+            evaluations_per_epoch=args.evaluations_per_epoch,
             seed=args.seed,
         )
         command = "specvlm pocket " + shlex.join(sys.argv[1:] if argv is None else argv)
-        print(train_pocket_draft(recipe, args.work_dir, args.output_dir or DRAFT_DIR, command, args.num_threads or None))
+        print(train_pocket_draft(
+            recipe, args.work_dir, args.output_dir or DRAFT_DIR, command, args.num_threads or None, resume=args.resume,
+            corpus_dir=args.corpus_dir,
+        ))
+        return 0
+    if args.pocket_command == "build-corpus":
+        from .corpus import CorpusRecipe, make_corpus
+
+        for flag in ("batch_size", "image_records", "multi_image_records", "text_records", "max_new_tokens"):
+            if getattr(args, flag) < 0 or (flag == "batch_size" and args.batch_size == 0):
+                raise UserValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+        recipe = CorpusRecipe(
+            seed=args.seed,
+            image_records=args.image_records,
+            multi_image_records=args.multi_image_records,
+            text_records=args.text_records,
+            long_answer_fraction=args.long_answer_fraction,
+            max_new_tokens=args.max_new_tokens,
+            long_max_new_tokens=args.long_max_new_tokens,
+        )
+        stats = make_corpus(
+            recipe, args.work_dir, dtype=args.dtype, batch_size=args.batch_size, limit=args.limit,
+            num_threads=args.num_threads or None, export=args.export,
+        )
+        print(json.dumps(stats, indent=2))
         return 0
     if args.pocket_command == "train-compressors":
         from .compressor_ablation import train_variants

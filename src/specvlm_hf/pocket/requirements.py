@@ -28,6 +28,7 @@ COMMAND_EXTRAS: dict[str, tuple[tuple[str, str], ...]] = {
         ("sklearn", "pocket-train"),
         ("matplotlib", "pocket-train"),
     ),
+    "build-corpus": (("gguf", "pocket"), ("skimage", "pocket-train"), ("sklearn", "pocket-train")),
     "train-compressors": (("gguf", "pocket"),),
     "info": (),
 }

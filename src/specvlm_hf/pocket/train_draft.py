@@ -1,34 +1,33 @@
 """Trains the pocket VLM's shipped SpecVLM draft: self-distilled data, online-logit distillation, provenance.
 
-The recipe, end to end on a CPU (`specvlm pocket train-draft`):
+The recipe, end to end on a CPU:
 
-1. [`build_prompt_records`]: training prompts disjoint from the benchmark prompts: images from the projector's
-   [`CaptionMixture`] stream under another seed (emoji, training photos, rendered text, shapes; never a
-   [`BENCH_PHOTOS`] photo), some two-image comparisons, and text-only instructions built from ImageNet class names.
-2. [`self_distill_batched`]: the target answers every prompt greedily (left-padded batches; resumable JSONL in the
-   LLaVA format), so the draft learns the distribution it will have to predict (ViSpec §4.3).
-3. [`train_pocket_draft`]: `SpecVLMDraftModel.from_target(target)` with a reduced EAGLE-3 vocabulary built from the
-   training answers, trained by [`OnlineDistillationTrainer`] against the live target, evaluated after every epoch
-   (distillation metrics and the real mean acceptance length of tree decoding on a held-out split), saved in bf16
-   with a provenance record into `assets/pocket/draft/`.
+1. `specvlm pocket build-corpus` ([`~specvlm_hf.pocket.corpus.make_corpus`]): >10,000 varied prompts disjoint from
+   the benchmark, answered greedily by the pocket VLM itself in large left-padded batches (resumable, keyed to its
+   input), so the draft learns the distribution it will have to predict (ViSpec §4.3). The answers are committed
+   (`assets/pocket/draft_data/answers.jsonl.gz`); images are recreated from their names.
+2. `specvlm pocket train-draft` ([`train_pocket_draft`]): `SpecVLMDraftModel.from_target(target)` with a reduced
+   EAGLE-3 vocabulary built from the training answers, trained by [`OnlineDistillationTrainer`] against the live
+   target (optionally with EAGLE-3's training-time test, `ttt_steps`), its real acceptance measured on the committed
+   benchmark prompts (fp32, T=0 and T=1) before training and several times per epoch, saved in bf16 with a
+   provenance record and a card into `assets/pocket/draft/`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-import random
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
+from ..errors import UserValueError
 from .build import cache_root, package_versions
 from .draft import DRAFT_DIR
 
@@ -36,57 +35,30 @@ logger = logging.getLogger(__name__)
 
 DRAFT_PROVENANCE_FILE = "draft_provenance.json"
 POCKET_TARGET_NAME = "specvlm-hf pocket VLM (local build: specvlm pocket build)"
-IMAGE_INSTRUCTIONS = (
-    "Describe the image.",
-    "Describe the image in detail.",
-    "What is in this image?",
-    "What do you see in this picture?",
-    "What does this image show? Describe it.",
-    "Describe this picture.",
-    "What is happening in this image?",
-    "Tell me about this image.",
-    "Write a caption for this picture and explain it.",
-    "What can you see here? Give some details.",
-)
-COMPARE_INSTRUCTIONS = (
-    "Compare the two images.",
-    "What is the difference between these two pictures?",
-    "Describe both images.",
-    "How are these two images alike and how do they differ?",
-)
-TEXT_TEMPLATES = (
-    "Explain what a {} is.",
-    "Write a short poem about a {}.",
-    "Tell me a short story about a {}.",
-    "Describe a {} in a few sentences.",
-    "Give me three facts about the {}.",
-    "Why do people find the {} interesting?",
-    "Write a short paragraph about a {}.",
-    "Explain in a few sentences how a {} works or lives.",
-)
-
-
 @dataclass
 class PocketDraftRecipe:
-    """Every knob of the shipped draft's recipe (saved in its provenance record)."""
+    """Every knob of the shipped draft's recipe (saved in its provenance record).
+
+    The corpus ([`~specvlm_hf.pocket.corpus.CorpusRecipe`], `specvlm pocket build-corpus`) is made first; this
+    recipe trains on its first `train_records` answers (all but the last `eval_records` when `None`).
+    """
 
     seed: int = 1
-    image_records: int = 260
-    compare_records: int = 24
-    text_records: int = 180
-    eval_records: int = 24
-    max_new_tokens: int = 128
-    generation_batch_size: int = 24
+    train_records: int | None = None
+    eval_records: int = 64
     draft_vocab_size: int = 8192
-    epochs: int = 4
+    epochs: float = 2.0
     learning_rate: float = 5e-4
-    batch_size: int = 4
-    warmup_ratio: float = 0.03
+    batch_size: int = 8
+    warmup_ratio: float = 0.02
     feature_noise: float = 0.1
-    eval_acceptance_prompts: int = 12
-    eval_acceptance_max_new_tokens: int = 96
-    stream_seed: int = 7  # CaptionMixture seed (the projector used 0)
-    teacher_dtype: str = "float32"  # fp32 is faster than emulated bf16 for long sequences on CPUs without AVX512-BF16
+    ttt_steps: int = 1
+    ttt_decay: float = 0.8
+    target_layer_ids: list[int] | None = None
+    teacher_dtype: str = "auto"  # the demo's policy: bf16 where the CPU has native bf16 units, else fp32
+    evaluations_per_epoch: int = 2
+    bench_max_new_tokens: int = 128
+    bench_temperatures: tuple[float, ...] = (0.0, 1.0)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -95,124 +67,35 @@ def default_work_dir() -> Path:
     return cache_root() / "pocket-draft"
 
 
-def build_prompt_records(recipe: PocketDraftRecipe, work_dir: str | Path) -> list[dict[str, Any]]:
+def corpus_training_file(work_dir: str | Path, corpus_dir: str | Path | None = None) -> Path:
     """
-    Writes the training images as PNG files under `work_dir/images/` and returns prompt-only LLaVA records.
+    `work_dir/train.jsonl`: the corpus answers (the local `specvlm pocket build-corpus` output when it exists,
+    else the committed copy) with image paths relative to `work_dir`, every corpus image drawn.
 
-    Records are `{"id", "images": [relative paths], "conversations": [{"from": "human", "value": ...}]}`; ids are
-    stable for a given recipe, so a resumed self-distillation skips what it already answered.
-
-    Returns:
-        `list[dict]`: image records, then two-image records, then text-only records, shuffled with `recipe.seed`.
+    Raises:
+        [`~specvlm_hf.errors.UserFileNotFoundError`] when there is neither a local corpus nor a committed one.
     """
-    from .data import CaptionMixture, check_disjoint, default_data_dir, fetch_emoji, fetch_imagenet_class_names
+    from ..errors import UserFileNotFoundError
+    from .corpus import COMMITTED_ANSWERS, default_corpus_dir, materialize_images, read_answers
 
-    check_disjoint()
     work_dir = Path(work_dir)
-    image_dir = work_dir / "images"
-    image_dir.mkdir(parents=True, exist_ok=True)
-    data_dir = default_data_dir()
-    fetch_emoji(data_dir)
-    stream = CaptionMixture(data_dir, seed=recipe.stream_seed)
-    rng = random.Random(recipe.seed)
-
-    def image(index: int) -> str:
-        name = f"s{recipe.stream_seed}_{index:06d}.png"
-        if not (image_dir / name).is_file():
-            stream[index][0].save(image_dir / name)
-        return f"images/{name}"
-
-    records: list[dict[str, Any]] = []
-    next_index = 0
-    for number in range(recipe.image_records):
-        question = rng.choice(IMAGE_INSTRUCTIONS)
-        records.append(_record(f"img{number}", [image(next_index)], f"<image>\n{question}"))
-        next_index += 1
-    for number in range(recipe.compare_records):
-        question = rng.choice(COMPARE_INSTRUCTIONS)
-        paths = [image(next_index), image(next_index + 1)]
-        records.append(_record(f"cmp{number}", paths, f"<image>\n<image>\n{question}"))
-        next_index += 2
-    names = fetch_imagenet_class_names(data_dir)
-    for number in range(recipe.text_records):
-        question = rng.choice(TEXT_TEMPLATES).format(rng.choice(names))
-        records.append(_record(f"txt{number}", [], question))
-    rng.shuffle(records)
-    return records
-
-
-def _record(key: str, images: list[str], question: str) -> dict[str, Any]:
-    return {"id": key, "images": images, "conversations": [{"from": "human", "value": question}]}
-
-
-def _messages(record: dict[str, Any]) -> list[dict[str, Any]]:
-    question = record["conversations"][0]["value"]
-    content: list[dict[str, Any]] = [{"type": "image"} for _ in record["images"]]
-    content.append({"type": "text", "text": question.replace("<image>\n", "").strip()})
-    return [{"role": "user", "content": content}]
-
-
-@torch.no_grad()
-def self_distill_batched(
-    target: torch.nn.Module,
-    processor: Any,
-    records: Sequence[dict[str, Any]],
-    output_path: str | Path,
-    *,
-    max_new_tokens: int,
-    batch_size: int,
-    show_progress: bool = True,
-) -> int:
-    """
-    Answers single-turn prompt records with the target (greedy, left-padded batches of records with the same number
-    of images) and appends them to `output_path` as LLaVA records; records already there are skipped (resumable).
-
-    Image paths in `records` are relative to `output_path`'s folder. Empty answers are skipped and counted.
-
-    Returns:
-        `int`: number of records written by this call.
-    """
-    from PIL import Image
-
-    output_path = Path(output_path)
-    root = output_path.parent
-    done = set()
-    if output_path.is_file():
-        done = {json.loads(line)["id"] for line in output_path.read_text().splitlines() if line.strip()}
-    pending = [record for record in records if record["id"] not in done]
-    groups: dict[int, list[dict[str, Any]]] = {}
-    for record in pending:
-        groups.setdefault(len(record["images"]), []).append(record)
-    batches = [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
-    tokenizer = processor.tokenizer
-    tokenizer.padding_side = "left"
-    parameter = next(target.parameters())
-    written = empty = 0
-    with open(output_path, "a", encoding="utf-8") as handle:
-        for batch in tqdm(batches, desc="Self-distilling answers", disable=not show_progress):
-            texts = [processor.apply_chat_template(_messages(r), add_generation_prompt=True) for r in batch]
-            images = [Image.open(root / path).convert("RGB") for r in batch for path in r["images"]]
-            if images:
-                inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
-            else:
-                inputs = tokenizer(texts, return_tensors="pt", padding=True)
-            inputs = {
-                k: (v.to(parameter.device, parameter.dtype) if torch.is_floating_point(v) else v.to(parameter.device))
-                for k, v in inputs.items()
-            }
-            out = target.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            answers = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            for record, answer in zip(batch, answers, strict=True):
-                if not answer.strip():
-                    empty += 1
-                    continue
-                conversation = record["conversations"] + [{"from": "gpt", "value": answer.strip()}]
-                handle.write(json.dumps({**record, "conversations": conversation}, ensure_ascii=False) + "\n")
-                written += 1
-            handle.flush()
-    if empty:
-        logger.warning("Self-distillation: %d empty answers skipped.", empty)
-    return written
+    corpus_dir = Path(corpus_dir) if corpus_dir is not None else default_corpus_dir()
+    local = corpus_dir / "answers.jsonl"
+    rows = read_answers(local) if local.is_file() else read_answers(COMMITTED_ANSWERS)
+    if not rows:
+        raise UserFileNotFoundError(
+            f"no corpus answers in {local} nor {COMMITTED_ANSWERS}: run `specvlm pocket build-corpus` first"
+        )
+    materialize_images(rows, corpus_dir / "images")
+    relative = os.path.relpath(corpus_dir, work_dir)
+    out = work_dir / "train.jsonl"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix(".tmp"), "w", encoding="utf-8") as handle:
+        for row in rows:
+            images = [f"{relative}/{path}" for path in row.get("images", [])]
+            handle.write(json.dumps({**row, "images": images}, ensure_ascii=False) + "\n")
+    out.with_suffix(".tmp").replace(out)
+    return out
 
 
 def split_records(path: str | Path, eval_records: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -263,12 +146,108 @@ class _EpochTimer(TrainerCallback):
     def __init__(self) -> None:
         self.seconds: list[float] = []
         self._start = 0.0
+        self._paused = 0.0
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        self._start = time.perf_counter()
+        self._start, self._paused = time.perf_counter(), 0.0
+
+    def pause(self, seconds: float) -> None:
+        self._paused += seconds
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        self.seconds.append(time.perf_counter() - self._start)
+        self.seconds.append(time.perf_counter() - self._start - self._paused)
+
+
+@torch.no_grad()
+def bench_acceptance(
+    target: torch.nn.Module,
+    processor: Any,
+    draft: torch.nn.Module,
+    *,
+    temperature: float = 0.0,
+    max_new_tokens: int = 128,
+    seed: int = 0,
+    prompts_path: str | Path | None = None,
+) -> dict[str, Any]:
+    """
+    The draft's real acceptance on the committed benchmark prompts: `target.generate(**prompt,
+    assistant_model=draft)` one prompt at a time (batch 1, the draft's default adaptive tree), greedy at
+    `temperature=0`, sampling (seeded per prompt) otherwise.
+
+    Returns:
+        `dict`: `temperature`, `prompts`, `mean_accept_len` (bonus token included), `mean_accepted_draft_tokens`,
+        `acceptance_per_depth` (share of cycles whose accepted path reaches each depth), `exact_match` (greedy
+        only: the share of prompts whose tokens equal plain `generate`'s, which the loop guarantees), `seconds`.
+    """
+    from ..bench.prompts import DEFAULT_PROMPTS_PATH, load_prompts, render_batch
+    from ..generation.stats import SpeculationStats
+
+    parameter = next(target.parameters())
+    was_training = draft.training
+    draft.eval()
+    total = SpeculationStats()
+    exact = 0
+    started = time.perf_counter()
+    prompts = load_prompts(prompts_path or DEFAULT_PROMPTS_PATH)
+    try:
+        for index, prompt in enumerate(prompts):
+            inputs = render_batch(processor, [prompt], parameter.device, parameter.dtype)
+            sampling = {"do_sample": temperature > 0}
+            if temperature > 0:
+                sampling.update(temperature=temperature, top_k=0, top_p=1.0)
+            torch.manual_seed(seed + index)
+            out = target.generate(
+                **inputs, assistant_model=draft, max_new_tokens=min(prompt.max_new_tokens, max_new_tokens),
+                return_dict_in_generate=True, **sampling,
+            )
+            total = total.merge(out.speculation)
+            if temperature == 0:
+                plain = target.generate(
+                    **inputs, max_new_tokens=min(prompt.max_new_tokens, max_new_tokens), do_sample=False
+                )
+                exact += int(torch.equal(plain, out.sequences))
+    finally:
+        draft.train(was_training)
+    row = {
+        "temperature": temperature,
+        "prompts": len(prompts),
+        "mean_accept_len": total.mean_accept_len,
+        "mean_accepted_draft_tokens": total.mean_accepted_draft_tokens,
+        "acceptance_per_depth": total.acceptance_per_depth,
+        "seconds": time.perf_counter() - started,
+    }
+    if temperature == 0:
+        row["exact_match"] = exact / len(prompts)
+    return row
+
+
+class _BenchAcceptance(TrainerCallback):
+    """Measures [`bench_acceptance`] (fp32 target, every recipe temperature) at each evaluation point."""
+
+    def __init__(self, target, processor, recipe: PocketDraftRecipe, every: int, log_path: Path, timer: _EpochTimer):
+        self.target, self.processor, self.recipe, self.every = target, processor, recipe, every
+        self.log_path, self.timer = log_path, timer
+        self.rows: list[dict[str, Any]] = []
+
+    def measure(self, draft: torch.nn.Module, epoch: float, step: int) -> dict[str, Any]:
+        started = time.perf_counter()
+        row: dict[str, Any] = {"epoch": round(epoch, 3), "step": step}
+        for temperature in self.recipe.bench_temperatures:
+            result = bench_acceptance(
+                self.target, self.processor, draft, temperature=temperature,
+                max_new_tokens=self.recipe.bench_max_new_tokens, seed=self.recipe.seed,
+            )
+            row[f"T{temperature:g}"] = result
+        self.rows.append(row)
+        with open(self.log_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+        logger.info("bench acceptance at epoch %.2f: %s", epoch, {k: v for k, v in row.items()})
+        self.timer.pause(time.perf_counter() - started)
+        return row
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            self.measure(model, state.epoch or 0.0, state.global_step)
 
 
 def train_pocket_draft(
@@ -277,15 +256,25 @@ def train_pocket_draft(
     output_dir: str | Path = DRAFT_DIR,
     command: str | None = None,
     num_threads: int | None = None,
+    resume: bool = False,
+    corpus_dir: str | Path | None = None,
 ) -> Path:
     """
-    Runs the whole recipe (data → self-distillation → training with per-epoch evaluation) and writes the shipped
-    draft (bf16 safetensors, config, model card), `draft_provenance.json` and `acceptance_by_epoch.png` into
-    `output_dir`.
+    Trains the shipped draft on the corpus and writes it (bf16 safetensors, config, model card),
+    `draft_provenance.json` and `acceptance_by_epoch.png` into `output_dir`.
+
+    The teacher runs in the fastest exact dtype of the machine (`recipe.teacher_dtype="auto"`); the draft keeps fp32
+    master weights. `recipe.evaluations_per_epoch` times per epoch (and before training) the draft's real acceptance
+    is measured on the committed benchmark prompts with an fp32 target (exact), at each of
+    `recipe.bench_temperatures` ([`bench_acceptance`]); rows are appended to `work_dir/bench_acceptance.jsonl` as
+    they come. Trainer checkpoints are written at every evaluation point into `work_dir/trainer`; `resume=True`
+    continues from the latest one. `corpus_dir` is the `specvlm pocket build-corpus` folder (default: the cache's;
+    without a local corpus the committed one is used).
 
     Returns:
         `Path`: `output_dir`.
     """
+    from ..demo import choose_dtype
     from ..models import SpecVLMDraftModel
     from ..training import OnlineDistillationConfig, OnlineDistillationTrainer, build_draft_vocab
     from ..training.data import DistillationDataset
@@ -297,26 +286,34 @@ def train_pocket_draft(
     if num_threads:
         torch.set_num_threads(num_threads)
     work_dir.mkdir(parents=True, exist_ok=True)
-    target, processor = load_pocket_vlm(dtype=getattr(torch, recipe.teacher_dtype))
+    trainer_dir = work_dir / "trainer"
+    if not resume and any(trainer_dir.glob("checkpoint-*")):
+        raise UserValueError(
+            f"{trainer_dir} holds checkpoints of an earlier run: pass --resume to continue it, or delete the folder"
+        )
+    teacher_dtype = choose_dtype(recipe.teacher_dtype)
+    target, processor = load_pocket_vlm(dtype=teacher_dtype.dtype)
+    exact_target, _ = load_pocket_vlm(dtype=torch.float32)  # the per-epoch acceptance is measured in fp32
 
     started = time.perf_counter()
-    records = build_prompt_records(recipe, work_dir)
-    data_path = work_dir / "train.jsonl"
-    self_distill_batched(
-        target,
-        processor,
-        records,
-        data_path,
-        max_new_tokens=recipe.max_new_tokens,
-        batch_size=recipe.generation_batch_size,
-    )
+    rows = split_records(corpus_training_file(work_dir, corpus_dir), recipe.eval_records)
+    train_rows, eval_rows = rows
+    if recipe.train_records is not None:
+        train_rows = train_rows[: recipe.train_records]
     data_seconds = time.perf_counter() - started
-    train_rows, eval_rows = split_records(data_path, recipe.eval_records)
 
     torch.manual_seed(recipe.seed)
-    draft = SpecVLMDraftModel.from_target(target).float()  # fp32 master weights; the teacher stays bf16
+    overrides: dict[str, Any] = {}
+    if recipe.target_layer_ids is not None:
+        overrides["target_layer_ids"] = list(recipe.target_layer_ids)
+    draft = SpecVLMDraftModel.from_target(target, **overrides).float()  # fp32 master weights
+    steps_per_epoch = math.ceil(len(train_rows) / recipe.batch_size)
+    every = max(1, steps_per_epoch // max(1, recipe.evaluations_per_epoch))
+    extra_args: dict[str, Any] = {}
+    if recipe.ttt_steps != 1:
+        extra_args.update(ttt_steps=recipe.ttt_steps, ttt_decay=recipe.ttt_decay)
     args = OnlineDistillationConfig(
-        output_dir=str(work_dir / "trainer"),
+        output_dir=str(trainer_dir),
         num_train_epochs=recipe.epochs,
         per_device_train_batch_size=recipe.batch_size,
         per_device_eval_batch_size=recipe.batch_size,
@@ -324,15 +321,17 @@ def train_pocket_draft(
         warmup_steps=recipe.warmup_ratio,  # a float < 1 is a ratio of the total steps
         lr_scheduler_type="cosine",
         feature_noise=recipe.feature_noise,
-        eval_strategy="epoch",
-        save_strategy="no",
-        logging_steps=10,
-        eval_acceptance_prompts=recipe.eval_acceptance_prompts,
-        eval_acceptance_max_new_tokens=recipe.eval_acceptance_max_new_tokens,
+        eval_strategy="no",
+        save_strategy="steps",
+        save_steps=every,
+        save_total_limit=2,
+        logging_steps=20,
+        eval_acceptance_prompts=0,
         report_to=[],
         seed=recipe.seed,
         dataloader_num_workers=0,
         use_cpu=True,
+        **extra_args,
     )
     train_set = DistillationDataset(train_rows, processor, max_length=args.max_length)
     eval_set = DistillationDataset(eval_rows, processor, max_length=args.max_length)
@@ -341,11 +340,18 @@ def train_pocket_draft(
         model=draft, teacher=target, args=args, train_dataset=train_set, eval_dataset=eval_set,
         processing_class=processor,
     )
-    before = trainer.evaluate()  # the untrained draft (epoch 0)
     timer = _EpochTimer()
+    bench = _BenchAcceptance(exact_target, processor, recipe, every, work_dir / "bench_acceptance.jsonl", timer)
+    if not resume:
+        (work_dir / "bench_acceptance.jsonl").unlink(missing_ok=True)
+        bench.measure(draft, 0.0, 0)  # the untrained draft
     trainer.add_callback(timer)
-    trainer.train()
-    rows = [{**before, "epoch": 0.0}] + epoch_acceptance(trainer.state.log_history)
+    trainer.add_callback(bench)
+    trained = time.perf_counter()
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    train_seconds = time.perf_counter() - trained
+    final_eval = trainer.evaluate()
+    bench_rows = [json.loads(line) for line in (work_dir / "bench_acceptance.jsonl").read_text().splitlines()]
 
     output_dir.mkdir(parents=True, exist_ok=True)
     draft = trainer.accelerator.unwrap_model(trainer.model).to(torch.bfloat16)
@@ -353,24 +359,44 @@ def train_pocket_draft(
     draft.save_pretrained(output_dir)
     for code in output_dir.glob("*.py"):  # remote-code copies: the package itself provides the classes
         code.unlink()
+    evaluations = [
+        {"epoch": row["epoch"], "eval_mean_accept_len": row["T0"]["mean_accept_len"],
+         **({"eval_mean_accept_len_T1": row["T1"]["mean_accept_len"]} if "T1" in row else {})}
+        for row in bench_rows
+    ]
     plot_acceptance_curve(
-        rows, output_dir / "acceptance_by_epoch.png",
-        f"pocket VLM draft, {len(train_rows)} self-distilled records, CPU",
+        evaluations, output_dir / "acceptance_by_epoch.png",
+        f"pocket VLM draft, {len(train_rows)} self-distilled records, bench prompts, fp32, T=0",
     )
+    from .corpus import COMMITTED_ANSWERS
+
+    corpus_meta = COMMITTED_ANSWERS.parent / "corpus_meta.json"
     provenance = {
         "command": command or "specvlm pocket train-draft",
         "recipe": asdict(recipe),
+        "teacher_dtype": str(teacher_dtype.dtype).removeprefix("torch."),
+        "teacher_dtype_reason": teacher_dtype.reason,
         "data": {
             "train_records": len(train_rows),
+            "train_answer_tokens": sum(int(row.get("answer_tokens", 0)) for row in train_rows),
             "eval_records": len(eval_rows),
-            "sources": "CaptionMixture(seed=stream_seed) images (emoji, training photos, rendered text, shapes; "
-            "disjoint from the benchmark photos, checked), two-image comparisons, text instructions over ImageNet "
-            "class names; answers generated greedily by the pocket VLM itself",
+            "sources": "the pocket corpus (`specvlm pocket build-corpus`): one-image prompts over CaptionMixture "
+            "images with colour jitter, two- and three-image prompts, text-only instructions of many kinds, 15% "
+            "asking for long answers; disjoint from the benchmark (checked); answers generated greedily by the pocket "
+            "VLM itself",
+            "corpus": json.loads(corpus_meta.read_text()) if corpus_meta.is_file() else None,
             "data_seconds": data_seconds,
         },
+        "acceptance_setup": (
+            f"the {bench_rows[0]['T0']['prompts']} committed benchmark prompts (never trained on), fp32 target, "
+            f"greedy, max_new_tokens={recipe.bench_max_new_tokens}, the draft's default adaptive tree"
+        ),
         "draft_vocab_size": int(vocab.numel()),
+        "train_seconds": train_seconds,
         "epoch_seconds": timer.seconds,
-        "evaluations": rows,
+        "evaluations": evaluations,
+        "bench_acceptance": bench_rows,
+        "final_eval": final_eval,
         "torch_threads": torch.get_num_threads(),
         "package_versions": package_versions(),
         "date": time.strftime("%Y-%m-%d"),
@@ -381,49 +407,76 @@ def train_pocket_draft(
 
 
 def write_draft_card(
-    draft: Any, output_dir: str | Path, provenance: dict[str, Any], speedup: float | None = None,
+    draft: Any,
+    output_dir: str | Path,
+    provenance: dict[str, Any],
+    speedup: float | None = None,
     speedup_setup: str | None = None,
 ) -> str:
-    """Writes the shipped draft's model card (`README.md`) from its provenance record (and a measured speedup)."""
-    recipe, rows = provenance["recipe"], provenance["evaluations"]
-    config = draft.config
-    lines = [
-        "---",
-        "library_name: specvlm-hf",
-        "tags: [specvlm-hf, speculative-decoding, eagle, vision-language]",
-        "---",
-        "",
-        "# pocket VLM SpecVLM draft",
-        "",
-        "The trained [SpecVLM](https://arxiv.org/abs/2509.11815) (EagleVLM) draft of the offline pocket VLM",
-        "(SmolLM2-135M-Instruct + EfficientNet-Lite0 as LLaVA, built by `specvlm pocket build`). Reproduce it with",
-        f"`{provenance['command']}`; every number below comes from `{DRAFT_PROVENANCE_FILE}`.",
-        "",
-        "```python",
-        "from specvlm_hf.pocket import demo_inputs, load_pocket_draft, load_pocket_vlm",
-        "",
-        "target, processor = load_pocket_vlm()",
-        "draft = load_pocket_draft(target)",
-        "out = target.generate(**demo_inputs(processor), assistant_model=draft, max_new_tokens=96)  # same tokens",
-        "```",
-        "",
-        f"- Architecture: `[embedding(x_{{t+1}}); feature(x_t)]` -> fc -> RMSNorm -> {config.num_hidden_layers} Llama "
-        f"decoder layer, reduced head of {config.draft_vocab_size} tokens, {draft.num_parameters():,} parameters.",
-        f"- Default tree: top-k {config.tree_top_k}, depth {config.tree_depth}, {config.tree_total_tokens} nodes "
-        "(`specvlm bench` calibrates it per device).",
-        f"- Data: {provenance['data']['train_records']} self-distilled records (answers generated by the pocket VLM "
-        f"itself), {provenance['data']['eval_records']} held out; images disjoint from the benchmark photos.",
-        f"- Training: online-logit distillation, {recipe['epochs']} epochs, batch {recipe['batch_size']}, "
-        f"lr {recipe['learning_rate']}, feature noise {recipe['feature_noise']}, seed {recipe['seed']}.",
-        "",
-        "| Epoch | " + " | ".join(f"{row['epoch']:g}" for row in rows) + " |",
-        "|---|" + "---|" * len(rows),
-        "| Mean acceptance length (incl. bonus), held out | "
-        + " | ".join(f"{row['eval_mean_accept_len']:.2f}" for row in rows) + " |",
-        "",
-    ]
-    if speedup is not None:
-        lines += [f"Measured end-to-end speedup over plain decoding: **{speedup:.2f}×** ({speedup_setup}).", ""]
-    text = "\n".join(lines)
-    (Path(output_dir) / "README.md").write_text(text)
-    return text
+    """Writes (or updates) the shipped draft's model card, `README.md`, from its provenance record.
+
+    The card is the common draft card (`hub_cards/draft.md`, rendered by `specvlm_hf.hub.create_model_card`) with the
+    pocket quick start, the acceptance length after every epoch, the recipe and the command that reproduces it; the last
+    measured acceptance length and the speedup are also published as `model-index` results.
+
+    Args:
+        draft ([`SpecVLMDraftModel`]): the trained draft.
+        output_dir (`str` or `Path`): the draft's folder (`README.md` is written there; text outside the generated
+            block of an existing card is kept).
+        provenance (`dict`): the draft's provenance record (`draft_provenance.json`).
+        speedup (`float`, *optional*): measured end-to-end speedup over plain decoding (`specvlm bench`).
+        speedup_setup (`str`, *optional*): how the speedup was measured (command, date, hardware, dtype, prompts).
+
+    Returns:
+        `str`: the card text.
+    """
+    from ..hub import create_model_card
+
+    recipe, data = provenance["recipe"], provenance["data"]
+    measured = [row for row in provenance["evaluations"] if row.get("eval_mean_accept_len") is not None]
+    last = measured[-1] if measured else None
+    acceptance_setup = None
+    if last is not None and provenance.get("acceptance_setup"):
+        acceptance_setup = f"{provenance['acceptance_setup']}, after epoch {last['epoch']:g}"
+    elif last is not None:
+        prompts = last.get("eval_acceptance_prompts", recipe.get("eval_acceptance_prompts"))
+        max_new_tokens = last.get("eval_acceptance_max_new_tokens", recipe.get("eval_acceptance_max_new_tokens"))
+        acceptance_setup = (
+            f"greedy, {int(prompts)} held-out prompts, max_new_tokens={int(max_new_tokens)}, after epoch "
+            f"{last['epoch']:g} ({recipe.get('teacher_dtype', 'float32')} target)"
+        )
+    training = {key: value for key, value in recipe.items() if value not in (None, {}, [])}
+    if provenance.get("epoch_seconds"):
+        training["seconds per epoch"] = ", ".join(f"{seconds:.0f}" for seconds in provenance["epoch_seconds"])
+    if provenance.get("torch_threads"):
+        training["torch threads"] = provenance["torch_threads"]
+    return create_model_card(
+        draft,
+        output_dir,
+        model_name="pocket VLM SpecVLM draft",
+        dataset_name="Self-distilled pocket VLM answers",
+        data_summary=(
+            f"{data['train_records']:,} training records, {data['eval_records']:,} held out; "
+            f"{data.get('sources', 'answers generated by the pocket VLM itself')}"
+        ),
+        training=training,
+        mean_accept_len=last["eval_mean_accept_len"] if last else None,
+        acceptance_setup=acceptance_setup,
+        speedup=speedup,
+        speedup_setup=speedup_setup,
+        accept_len_by_epoch=[(row["epoch"], row["eval_mean_accept_len"]) for row in measured],
+        description=(
+            "The trained draft of the offline pocket VLM (SmolLM2-135M-Instruct + EfficientNet-Lite0 as LLaVA, built "
+            f"by `specvlm pocket build`), trained on {provenance.get('date', 'an unrecorded date')}; every number "
+            f"below comes from `{DRAFT_PROVENANCE_FILE}`."
+        ),
+        quick_start=(
+            "from specvlm_hf.pocket import demo_inputs, load_pocket_draft, load_pocket_vlm\n"
+            "\n"
+            "target, processor = load_pocket_vlm()\n"
+            "draft = load_pocket_draft(target)\n"
+            "out = target.generate(**demo_inputs(processor), assistant_model=draft, max_new_tokens=96)  # same tokens"
+        ),
+        reproduce=provenance.get("command"),
+        framework_versions=provenance.get("package_versions"),
+    )
