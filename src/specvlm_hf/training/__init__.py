@@ -14,6 +14,7 @@ _EXPORTS = {
     "OnlineDistillationTrainer": "trainer",
     "DistillationCollator": "data",
     "DistillationDataset": "data",
+    "StreamingDistillationDataset": "streaming",
     "SKIP_REASONS": "data",
     "load_llava_records": "data",
     "parse_llava_record": "data",
@@ -33,6 +34,7 @@ __all__ = [
     "OnlineDistillationConfig",
     "OnlineDistillationTrainer",
     "SKIP_REASONS",
+    "StreamingDistillationDataset",
     "build_draft_vocab",
     "chain_acceptance_length",
     "load_llava_records",
@@ -50,6 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .data import SKIP_REASONS, DistillationCollator, DistillationDataset, load_llava_records, parse_llava_record
     from .losses import chain_acceptance_length, masked_sum, smooth_l1_feature_loss, soft_cross_entropy, top1_agreement
     from .self_distill import regenerate_answers
+    from .streaming import StreamingDistillationDataset
     from .trainer import OnlineDistillationTrainer
     from .vocab import build_draft_vocab, token_frequencies
 

@@ -23,6 +23,10 @@ itself (ViSpec §4.3), and `--draft_vocab_size 8192` for an EAGLE-3-style reduce
 `<output_dir>/self_distilled-<key>.jsonl`, one file per input (data file, target and generation settings), so an
 interrupted regeneration resumes and another `--data` never mixes into it.
 
+Large data: `--streaming --max_steps N` reads `--data` as a stream (records encoded as they are read, memory flat,
+bad records skipped and counted with their file:line when met, no validation pass). EAGLE-3's training-time test:
+`--ttt_steps 7` (`--ttt_decay 0.8`), with `--target_layer_ids 2,16,29` for its low/middle/high feature taps.
+
 Resuming and rerunning: `--resume_from_checkpoint` (alone, or `True`) resumes from the latest `checkpoint-*` folder of
 `--output_dir` (saved with `--save_strategy steps|epoch`), `--resume_from_checkpoint <path>` from that checkpoint. An
 `--output_dir` that already holds a trained draft or checkpoints is refused unless one of `--resume_from_checkpoint` or
@@ -49,6 +53,7 @@ from ..errors import UserError, UserFileNotFoundError, UserValueError
 from ..models import SpecVLMDraftModel
 from .config import OnlineDistillationConfig
 from .data import DistillationDataset
+from .streaming import StreamingDistillationDataset
 from .self_distill import regenerate_answers, regeneration_fingerprint
 from .trainer import OnlineDistillationTrainer
 from .vocab import build_draft_vocab
@@ -386,13 +391,23 @@ def train(script_args: ScriptArguments, config: OnlineDistillationConfig) -> Onl
         logger.info("Regenerated answers: %s", dict(counts))
         train_data = regenerated
 
-    train_dataset = DistillationDataset(
-        train_data,
-        processor,
-        max_length=config.max_length,
-        assistant_only_loss=config.assistant_only_loss,
-        show_progress=not config.disable_tqdm,
-    )
+    if config.streaming:  # read as it trains: flat memory, bad records skipped when met
+        train_dataset = StreamingDistillationDataset(
+            train_data,
+            processor,
+            max_length=config.max_length,
+            assistant_only_loss=config.assistant_only_loss,
+            shuffle_buffer_size=config.streaming_shuffle_buffer_size,
+            seed=config.data_seed if config.data_seed is not None else config.seed,
+        )
+    else:
+        train_dataset = DistillationDataset(
+            train_data,
+            processor,
+            max_length=config.max_length,
+            assistant_only_loss=config.assistant_only_loss,
+            show_progress=not config.disable_tqdm,
+        )
     eval_dataset = (
         DistillationDataset(
             eval_data,
@@ -407,6 +422,14 @@ def train(script_args: ScriptArguments, config: OnlineDistillationConfig) -> Onl
 
     # ------------------------------------------------------------------ draft
     overrides = {"num_hidden_layers": script_args.num_draft_layers}
+    if script_args.draft_vocab_size and config.streaming:
+        # the data-built head needs token counts over the whole data set, which a stream does not hold
+        overrides["draft_vocab_size"] = script_args.draft_vocab_size
+        logger.info(
+            "--streaming: the %d-id draft head uses the data-free default vocabulary (build one from the data with "
+            "specvlm_hf.build_draft_vocab over a DistillationDataset to do better)",
+            script_args.draft_vocab_size,
+        )
     if script_args.target_layer_ids:
         overrides["target_layer_ids"] = _layer_ids(script_args.target_layer_ids)
     # float32 master weights whatever the target's dtype (use --bf16 for mixed precision); cast the trained draft to
@@ -417,7 +440,7 @@ def train(script_args: ScriptArguments, config: OnlineDistillationConfig) -> Onl
         if isinstance(error, UserError):
             raise
         raise UserValueError(f"cannot build a draft for this target with these flags: {_one_line(error)}") from error
-    if script_args.draft_vocab_size:
+    if script_args.draft_vocab_size and not config.streaming:
         try:
             build_draft_vocab(draft, target, train_dataset, script_args.draft_vocab_size)
         except ValueError as error:

@@ -50,6 +50,15 @@ class OnlineDistillationConfig(TrainingArguments):
             compressor.
         ttt_decay (`float`, *optional*, defaults to `0.8`):
             Weight `ttt_decay ** i` of step `i`'s loss (EAGLE-3: 0.8); must lie in (0, 1]. Unused when `ttt_steps=1`.
+        streaming (`bool`, *optional*, defaults to `False`):
+            Read raw training data (`.json` / `.jsonl` paths, or a `datasets.IterableDataset`) as a stream
+            ([`StreamingDistillationDataset`]): records are encoded as they are read, so memory stays flat for
+            data sets of any size and training starts at once; bad records are skipped and counted with their
+            `file:line` when met (there is no validation pass). A stream has no length: set `max_steps`. Evaluation
+            data stays in memory.
+        streaming_shuffle_buffer_size (`int`, *optional*, defaults to `1000`):
+            With `streaming`, shuffle the stream through a buffer of this many records (reseeded every epoch;
+            `0`: file order).
         eval_acceptance_prompts (`int`, *optional*, defaults to `8`):
             On `evaluate()`, how many held-out prompts (the first records of the evaluation dataset, cut before their
             first assistant turn) are decoded with `target.generate(..., assistant_model=draft)` to measure the real
@@ -99,6 +108,17 @@ class OnlineDistillationConfig(TrainingArguments):
     ttt_decay: float = field(
         default=0.8,
         metadata={"help": "Loss weight decay per training-time-test step, in (0, 1] (EAGLE-3: 0.8)."},
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Stream the training data (.json/.jsonl) instead of loading and validating it up front: memory "
+            "stays flat for large files, bad records are skipped and counted (file:line) when met. Needs max_steps."
+        },
+    )
+    streaming_shuffle_buffer_size: int = field(
+        default=1000,
+        metadata={"help": "With --streaming: shuffle through a buffer of this many records (0: file order)."},
     )
     eval_acceptance_prompts: int = field(
         default=8,
@@ -180,6 +200,15 @@ class OnlineDistillationConfig(TrainingArguments):
             raise UserValueError(
                 f"max_length={self.max_length} leaves no position for step {self.ttt_steps - 1} of the training-time "
                 f"test (ttt_steps={self.ttt_steps} needs max_length >= ttt_steps + 2)."
+            )
+        if self.streaming and self.max_steps <= 0:
+            raise UserValueError(
+                "streaming reads the training data as a stream of unknown length: set max_steps (the number of "
+                "optimiser updates to run)."
+            )
+        if self.streaming_shuffle_buffer_size < 0:
+            raise UserValueError(
+                f"streaming_shuffle_buffer_size must be >= 0, got {self.streaming_shuffle_buffer_size}."
             )
         if self.eval_acceptance_prompts < 0:
             raise UserValueError(f"eval_acceptance_prompts must be >= 0, got {self.eval_acceptance_prompts}.")

@@ -33,6 +33,7 @@ from .data import (
     tokenizer_of,
 )
 from .ttt import shift_left, ttt_attention_mask, ttt_loss_mask, ttt_step_weights
+from .streaming import StreamingDistillationDataset
 from .losses import (
     chain_acceptance_length,
     gate_entropy,
@@ -45,6 +46,11 @@ from .losses import (
 logger = logging.getLogger(__name__)
 
 __all__ = ["OnlineDistillationTrainer"]
+
+
+def _is_iterable_dataset(data: Any) -> bool:
+    """A `datasets.IterableDataset` (or any torch `IterableDataset`): records that can only be streamed."""
+    return isinstance(data, torch.utils.data.IterableDataset)
 
 
 class OnlineDistillationTrainer(Trainer):
@@ -115,10 +121,12 @@ class OnlineDistillationTrainer(Trainer):
             The target the draft will serve.
         args ([`OnlineDistillationConfig`], *optional*):
             Training arguments; defaults to `OnlineDistillationConfig()`.
-        train_dataset ([`DistillationDataset`], `str`, `list[dict]` or `datasets.Dataset`, *optional*):
-            Training conversations in LLaVA format (a `.json`/`.jsonl` path, records, or a ready
-            [`DistillationDataset`]). Raw data is validated and wrapped with `processing_class`, `args.max_length` and
-            `args.assistant_only_loss`.
+        train_dataset ([`DistillationDataset`], [`StreamingDistillationDataset`], `str`, `list[dict]`,
+            `datasets.Dataset` or `datasets.IterableDataset`, *optional*):
+            Training conversations in LLaVA format (a `.json`/`.jsonl` path, records, or a ready dataset). Raw data is
+            validated and wrapped with `processing_class`, `args.max_length` and `args.assistant_only_loss`; with
+            `args.streaming` (and always for a `datasets.IterableDataset`) it is streamed instead
+            ([`StreamingDistillationDataset`]: flat memory, bad records skipped when met; set `args.max_steps`).
         eval_dataset (same types, or a `dict` of them, *optional*):
             Held-out conversations; also the source of the acceptance-measuring prompts.
         processing_class ([`~transformers.ProcessorMixin`] or [`~transformers.PreTrainedTokenizerBase`], *optional*):
@@ -246,12 +254,21 @@ class OnlineDistillationTrainer(Trainer):
     # data
     # ------------------------------------------------------------------------------------------------------------
     def _as_distillation_dataset(self, data: Any, args: OnlineDistillationConfig, name: str) -> Dataset | None:
-        if data is None or isinstance(data, DistillationDataset):
+        if data is None or isinstance(data, (DistillationDataset, StreamingDistillationDataset)):
             return data
         if self.processor is None:
             raise ValueError(
                 f"{name} is raw LLaVA-format data: pass processing_class=<the target's processor> to tokenise it, or "
                 "pass a ready DistillationDataset."
+            )
+        if _is_iterable_dataset(data) or (args.streaming and name == "train_dataset"):
+            return StreamingDistillationDataset(
+                data,
+                self.processor,
+                max_length=args.max_length,
+                assistant_only_loss=args.assistant_only_loss,
+                shuffle_buffer_size=args.streaming_shuffle_buffer_size if not _is_iterable_dataset(data) else 0,
+                seed=args.data_seed if args.data_seed is not None else args.seed,
             )
         return DistillationDataset(
             data,
@@ -287,7 +304,7 @@ class OnlineDistillationTrainer(Trainer):
     @staticmethod
     def _count_failed_records(batch: Any, dataset: Any) -> None:
         failures = batch.pop(FAILED_RECORDS_KEY, None) if isinstance(batch, dict) else None
-        if failures and isinstance(dataset, DistillationDataset):
+        if failures and isinstance(dataset, (DistillationDataset, StreamingDistillationDataset)):
             dataset.record_failures(failures)
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
@@ -300,6 +317,9 @@ class OnlineDistillationTrainer(Trainer):
         if isinstance(dataset, DistillationDataset) and dataset.failed_in_use:
             dataset.log_summary()
             output.metrics["train_records_failed_after_validation"] = sum(dataset.failed_in_use.values())
+        if isinstance(dataset, StreamingDistillationDataset):
+            dataset.log_summary()
+            output.metrics["train_records_skipped"] = sum(dataset.skipped.values())
         return output
 
     # ------------------------------------------------------------------------------------------------------------
