@@ -185,3 +185,37 @@ def test_sampling_law_per_row_at_batch_two():
     for r in range(2):
         tv = 0.5 * (counts["plain"][r] - counts["spec"][r]).abs().sum().item()
         assert tv < 0.35  # two-sample noise for 300 draws over <=256 cells; a wrong law (e.g. greedy) gives ~1
+
+
+@pytest.mark.parametrize("head_mode", ["row", "block", "model"])
+@pytest.mark.parametrize("family,with_image", [("llava_next", True), ("qwen2_vl", True), ("gemma3", False)])
+def test_verification_head_modes_at_batch_four(targets, monkeypatch, family, with_image, head_mode):
+    """The batched greedy walk with the LM head applied lazily to the rows still walking (CPU) or every slot's logits
+    from the forward (accelerators), and the per-row walk (a processor present), all equal plain `generate`."""
+    from specvlm_hf.generation import loop
+
+    monkeypatch.setattr(loop, "head_mode_for", lambda head, dtype: head_mode if head is not None else "model")
+    target, draft = targets(family)
+    inputs = make_inputs(family, target, with_image=with_image, batch_size=4)
+    reference = target.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
+    replay = oracle(_unpadded_rows(inputs, reference))
+    out = target.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, assistant_model=draft, **replay)
+    assert out.tolist() == reference.tolist()
+    reference = target.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, repetition_penalty=1.2)
+    out = target.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, assistant_model=draft,
+                          repetition_penalty=1.2, **replay)
+    assert out.tolist() == reference.tolist()
+
+
+def test_rows_finishing_at_their_first_token(targets):
+    """A row whose first token (from the prefill) ends it never enters the batched cycles; the others go on."""
+    target, draft = targets("llava")
+    inputs = make_inputs("llava", target, with_image=True, batch_size=4)
+    free = target.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
+    n_prompt = inputs["input_ids"].shape[1]
+    eos = free[1, n_prompt].item()
+    reference = target.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=eos)
+    out = target.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=eos, assistant_model=draft,
+                          return_dict_in_generate=True)
+    assert out.sequences.tolist() == reference.tolist()
+    assert out.speculation.batched_forwards >= 1
