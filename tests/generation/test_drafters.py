@@ -116,3 +116,22 @@ def test_replay_factory_refuses_a_missing_row(llava):
     with pytest.raises(ValueError, match="references"):
         target.generate(**inputs, max_new_tokens=4, do_sample=False, assistant_model=draft,
                         tree_drafter=ReplayDrafterFactory([[1, 2, 3]]))
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_fixed_block_drafter_verifies_blocks_of_its_size(targets, batch_size):
+    """The cost-measurement drafter (used by the bench calibration): every cycle verifies exactly its chain, output
+    stays plain `generate`'s, and every verification forward is timed."""
+    from specvlm_hf.generation.drafters import FixedBlockDrafterFactory
+
+    target, draft = targets("qwen2_vl")
+    inputs = make_inputs("qwen2_vl", target, with_image=True, batch_size=batch_size)
+    reference = target.generate(**inputs, max_new_tokens=10, do_sample=False)
+    out = target.generate(**inputs, max_new_tokens=10, do_sample=False, assistant_model=draft,
+                          return_dict_in_generate=True, tree_ngram_tokens=0, tree_adaptive=False,
+                          tree_drafter=FixedBlockDrafterFactory(5, 7))
+    assert out.sequences.tolist() == reference.tolist()
+    stats = out.speculation
+    assert set(stats.nodes_per_cycle) == {5}
+    forwards = stats.batched_forwards if batch_size > 1 else stats.target_forwards
+    assert len(stats.verify_seconds_per_forward) == forwards and all(t > 0 for t in stats.verify_seconds_per_forward)

@@ -5,9 +5,11 @@ A verification cycle with a tree of `n` draft nodes (root excluded) and depth `D
 
     verify(n + 1) + draft_cycle(D) + overhead
 
-seconds, where `verify(m)` is one target forward of `m` query tokens over a real prefilled cache, `draft_cycle(D)` the
-draft's catch-up forward plus a `D`-step tree expansion, and `overhead` the rest of the loop (tree walk, KV compaction,
-stopping criteria), estimated from the pilot. Plain decoding costs `t_plain` seconds per token, so the modelled
+seconds, where `verify(m)` is one verification forward of `m` query tokens (its lazily applied LM head included),
+`draft_cycle(D)` the draft's catch-up forward plus a `D`-step tree expansion, and `overhead` the rest of the loop (tree
+walk, KV compaction, stopping criteria), estimated from the pilot. `verify` and `draft_cycle` are measured inside the
+decoding loop itself (`target.generate(..., assistant_model=draft)` with a fixed tree, reading `out.speculation`), so
+the calibration times exactly the code path generation runs and has no prefill, masks or positions of its own. Plain decoding costs `t_plain` seconds per token, so the modelled
 speedup is
 
     speedup(n, D) = tau(n, D) * t_plain / (verify(n + 1) + draft_cycle(D) + overhead)
@@ -246,37 +248,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_seconds(fn: Callable[[], Any], repeats: int, device: torch.device, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
-
-
-def _layer_ids(target: Any, draft: Any) -> list[int]:
-    n_states = target.config.get_text_config().num_hidden_layers + 1
-    return sorted({i % n_states for i in draft.feature_layer_ids})
-
-
-def _uses_mrope(target: Any) -> bool:
-    rope = getattr(target.config.get_text_config(), "rope_parameters", None) or {}
-    return isinstance(rope, dict) and "mrope_section" in rope
-
-
-@torch.no_grad()
-def _prefill(target: Any, draft: Any, inputs: dict[str, torch.Tensor]):
-    """Target prefill of one prompt: `(cache, embeddings, features, first_token)`."""
-    if inputs["input_ids"].shape[0] != 1:
-        raise ValueError("calibration uses one prompt (batch size 1)")
-    out = target(**inputs, use_cache=True, output_hidden_states=_layer_ids(target, draft), return_dict=True)
-    first = out.logits[:, -1].float().argmax(-1, keepdim=True)
-    return out.past_key_values, out.hidden_states[0], draft.select_features(out.hidden_states), first
+def _loop_stats(target: Any, draft: Any, inputs: dict[str, torch.Tensor], new_tokens: int, **knobs: Any):
+    """
+    Runs the decoding loop itself (`target.generate(..., assistant_model=draft)`: its prefill, masks, positions,
+    exact attention and lazy LM head) for exactly `new_tokens` tokens with a fixed tree shape, and returns its
+    `SpeculationStats`: the calibration times what generation runs, with no code of its own.
+    """
+    out = target.generate(
+        **inputs, assistant_model=draft, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        return_dict_in_generate=True, tree_adaptive=False, tree_ngram_tokens=0, **knobs,
+    )
+    return out.speculation, out.sequences
 
 
 @torch.no_grad()
@@ -288,44 +270,31 @@ def measure_verify_costs(
     repeats: int = 5,
 ) -> tuple[CostCurve, float]:
     """
-    Times target forwards of `m` query tokens appended to a real prefilled cache (the prompt of `inputs`).
-
-    Each forward is built as in verification (a tree attention mask over the cache plus the block, depth positions,
-    the draft's hidden-state taps) and the cache is cropped back after it; the value is the median of `repeats` runs
-    after one warm-up. Also times a plain one-token decode forward (no mask), the unit of plain decoding.
+    Times verification forwards of `m` query tokens (root included) inside the decoding loop, on the prompt of
+    `inputs`: one generate call per size with a drafter that proposes the same chain of `m - 1` nodes every cycle
+    (`generation.drafters.FixedBlockDrafterFactory`), so every forward is built, run and its logits read exactly as in
+    generation (lazy LM head, exact attention where it applies). The value per size is the median of the call's
+    verification forwards (`SpeculationStats.verify_seconds_per_forward`, the first one dropped as a warm-up). Also
+    times plain decoding per token: plain `generate` for `repeats + 1` tokens minus plain `generate` for 1, per token.
 
     Returns:
-        `tuple[CostCurve, float]`: the verification cost curve and the plain one-token forward in seconds.
+        `tuple[CostCurve, float]`: the verification cost curve and plain decoding's seconds per token.
     """
-    from ..generation.cache_utils import tree_attention_mask
-    from ..generation.tree import DraftTree, position_ids_for_tree
+    from ..generation.drafters import FixedBlockDrafterFactory
 
-    cache, _, _, first = _prefill(target, draft, inputs)
     device = target.get_output_embeddings().weight.device
-    prompt_len = cache.get_seq_length()
-    layer_types = getattr(target.config.get_text_config(), "layer_types", None)
-    layer_ids = _layer_ids(target, draft)
-    mrope_axes = 3 if _uses_mrope(target) else 0
-    first = first.to(device)
-
-    def decode():
-        target(input_ids=first, past_key_values=cache, use_cache=True)
-        cache.crop(-1)
-
-    decode_seconds = _median_seconds(decode, repeats, device)
+    prompt_len = inputs["input_ids"].shape[1]
+    first, one_seconds = _timed_generate(target, inputs, device, max_new_tokens=1, do_sample=False)
+    token = int(first[0, prompt_len])  # an ordinary text token of this prompt's continuation for the blocks
+    steps = max(int(repeats), 1)
+    _, more_seconds = _timed_generate(target, inputs, device, max_new_tokens=steps + 1, min_new_tokens=steps + 1,
+                                      do_sample=False)
+    decode_seconds = max(more_seconds - one_seconds, 1e-9) / steps
     seconds = []
     for size in block_sizes:
-        tree = DraftTree.make_dummy(size - 1)
-        block = first.expand(1, size).contiguous()
-
-        def verify(tree=tree, block=block, size=size):
-            mask = tree_attention_mask(cache, layer_types, tree.ancestors, tree.depths, 0, target.dtype, device)
-            positions = position_ids_for_tree(tree.depths, prompt_len, mrope_axes).to(device)
-            target(input_ids=block, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                   use_cache=True, output_hidden_states=layer_ids)
-            cache.crop(-size)
-
-        seconds.append(_median_seconds(verify, repeats, device))
+        stats, _ = _loop_stats(target, draft, inputs, steps + 2, tree_drafter=FixedBlockDrafterFactory(size - 1, token))
+        timed = stats.verify_seconds_per_forward
+        seconds.append(statistics.median(timed[1:] if len(timed) > 1 else timed))
     return CostCurve(list(block_sizes), seconds), decode_seconds
 
 
@@ -336,8 +305,9 @@ class DraftCosts:
 
     Args:
         depths (`list[int]`): tree depths timed.
-        propose_seconds (`list[float]`): median seconds of one tree expansion (`propose`) per depth.
-        extend_seconds (`float`): median seconds of the catch-up forward over 2 committed tokens.
+        propose_seconds (`list[float]`): draft seconds per cycle at each depth, measured in the decoding loop
+            (catch-up forward + tree expansion, see [`measure_draft_costs`]).
+        extend_seconds (`float`): catch-up seconds counted apart from `propose_seconds` (0 when they include it).
         step_seconds (`float`): least-squares slope of `propose_seconds` over depth (cost of one draft step).
         fixed_seconds (`float`): least-squares intercept of `propose_seconds` over depth.
     """
@@ -364,41 +334,30 @@ def measure_draft_costs(
     repeats: int = 5,
 ) -> DraftCosts:
     """
-    Times the draft's tree expansion at each depth (with `top_k`) and its catch-up forward, after a real prefill.
+    Times the draft's work per cycle at each tree depth inside the decoding loop (one generate call per depth, a
+    fixed tree of that depth with `top_k`): the draft's seconds after its prefill (`draft_seconds -
+    draft_prefill_seconds` of `out.speculation`) per verification cycle, i.e. catch-up + tree expansion as generation
+    runs them.
 
     Returns:
-        [`DraftCosts`].
+        [`DraftCosts`] (catch-up included in `propose_seconds`, so `extend_seconds` is 0).
     """
-    from ..generation.drafter import EagleTreeDrafter, TreeKnobs
-
-    _, embeddings, features, first = _prefill(target, draft, inputs)
-    embed_tokens, lm_head = target.get_input_embeddings(), target.get_output_embeddings()
-    device = lm_head.weight.device
     depths = sorted({int(d) for d in depths})
-    drafter = EagleTreeDrafter(draft, embed_tokens, lm_head, TreeKnobs(top_k, depths[-1], 64))
-    row_embeds = torch.cat([embeddings[:, 1:], embed_tokens(first.to(embed_tokens.weight.device))], dim=1)
-    drafter.prefill(row_embeds, features)
-    propose = []
+    steps = max(int(repeats), 1)
+    per_cycle = []
     for depth in depths:
-        drafter.knobs = TreeKnobs(top_k, depth, 64)
-        propose.append(_median_seconds(drafter.propose, repeats, device))
-    saved = (drafter.next_position, drafter.last_hidden)
-    tokens = first.flatten().repeat(2).cpu()
-
-    def extend():
-        drafter.extend(features[:, -2:], tokens)
-        drafter.cache.crop(-2)
-        drafter.next_position, drafter.last_hidden = saved
-
-    extend_seconds = _median_seconds(extend, repeats, device)
+        stats, _ = _loop_stats(target, draft, inputs, steps + 2, tree_top_k=top_k, tree_depth=depth,
+                               tree_total_tokens=64)
+        cycles = max(stats.target_forwards, 1)
+        per_cycle.append(max(stats.draft_seconds - stats.draft_prefill_seconds, 0.0) / cycles)
     if len(depths) > 1:
-        mean_d, mean_s = statistics.fmean(depths), statistics.fmean(propose)
-        covariance = sum((d - mean_d) * (s - mean_s) for d, s in zip(depths, propose))
+        mean_d, mean_s = statistics.fmean(depths), statistics.fmean(per_cycle)
+        covariance = sum((d - mean_d) * (s - mean_s) for d, s in zip(depths, per_cycle))
         step = max(covariance / sum((d - mean_d) ** 2 for d in depths), 0.0)
         fixed = mean_s - step * mean_d
     else:
-        step, fixed = propose[0] / depths[0], 0.0
-    return DraftCosts(depths, propose, extend_seconds, step, fixed)
+        step, fixed = per_cycle[0] / depths[0], 0.0
+    return DraftCosts(depths, per_cycle, 0.0, step, fixed)
 
 
 @dataclass
@@ -410,7 +369,7 @@ class CalibrationResult:
         top_k (`int`): `tree_top_k` used throughout (the draft config's).
         choice (`TreeChoice`): the chosen depth and budget, and the modelled speedup grid.
         verify_curve (`CostCurve`): seconds per target forward by query tokens.
-        decode_seconds (`float`): plain one-token target forward.
+        decode_seconds (`float`): plain decoding seconds per token (plain `generate`, prefill excluded).
         draft_costs (`DraftCosts`): draft expansion and catch-up costs.
         pilot_depth (`int`): tree depth of the pilot runs.
         pilot_acceptance (`dict[int, list[float]]`): budget -> acceptance per depth in the pilot.

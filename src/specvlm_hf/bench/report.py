@@ -237,10 +237,10 @@ def render_markdown(records: list[dict], meta: dict) -> str:
             f"{d}: {1000 * t:.1f}" for d, t in zip(draft_costs["depths"], draft_costs["propose_seconds"])
         )
         costs = (
-            f"Target forward cost (ms) by query tokens: {verify_ms}; plain one-token forward "
-            f"{1000 * calibration['decode_seconds']:.1f} ms. Draft expansion (ms) by depth: {draft_ms} (fitted "
-            f"{1000 * draft_costs['step_seconds']:.1f} ms per step); catch-up "
-            f"{1000 * draft_costs['extend_seconds']:.1f} ms."
+            f"Verification forward cost (ms, measured in the decoding loop) by query tokens: {verify_ms}; plain "
+            f"decoding {1000 * calibration['decode_seconds']:.1f} ms per token. Draft per cycle (ms, catch-up + "
+            f"expansion) by depth: {draft_ms} (fitted {1000 * draft_costs['step_seconds']:.1f} ms per step)"
+            + (f"; catch-up {1000 * draft_costs['extend_seconds']:.1f} ms." if draft_costs["extend_seconds"] else ".")
         )
         lines += ["", costs, ""]
     lines += ["## Conventions", ""]

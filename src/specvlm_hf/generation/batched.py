@@ -130,6 +130,7 @@ class BatchedTreeDecoder:
         self.simple_stops = _simple_stops(first.stopping_criteria)
         self.verify_forwards = 0
         self.verify_seconds = 0.0
+        self.seconds_per_forward: list[float] = []
         device = self.device
         self.n_pad = torch.tensor([decoders[r].n_pad for r in rows], dtype=torch.long, device=device)
         self.next_position = torch.tensor([decoders[r].next_position for r in rows], dtype=torch.long, device=device)
@@ -318,6 +319,7 @@ class BatchedTreeDecoder:
                     results.append((path, emitted, stopped))
             verify_seconds += head_seconds
             self.verify_seconds += verify_seconds
+            self.seconds_per_forward.append(verify_seconds)
 
             # ---- commit: ids, stats, compaction
             counts = [len(emitted) for _, emitted, _ in results]

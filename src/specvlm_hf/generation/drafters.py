@@ -169,3 +169,43 @@ class ReplayDrafterFactory:
         if context.row >= len(self.references):
             raise ValueError(f"ReplayDrafterFactory has {len(self.references)} references but row {context.row} asked")
         return ReplayDrafter(self.references[context.row], context.knobs.depth, context.vocab_size)
+
+
+class FixedBlockDrafter:
+    """
+    Proposes the same chain of `num_nodes` copies of `token` every cycle, whatever was emitted: a verification forward
+    of exactly `num_nodes + 1` query tokens per cycle through the loop's own path (prefill, masks, positions, exact
+    attention, lazy LM head). A cost-measurement diagnostic: `bench.calibration` times verification with it.
+
+    Args:
+        num_nodes (`int`): chain length (0: the root alone).
+        token (`int`): the chain's token id.
+    """
+
+    def __init__(self, num_nodes: int, token: int):
+        self.tree = DraftTree.from_parents(torch.full((num_nodes,), int(token)), torch.arange(num_nodes))
+        self.stats = DrafterStats()
+
+    def prefill(self, inputs_embeds, features, visual_mask=None, grid_sizes=None, start_position: int = 0) -> None:
+        pass
+
+    def extend(self, features: torch.Tensor, next_tokens: torch.Tensor) -> None:
+        pass
+
+    def propose(self) -> DraftTree:
+        return self.tree
+
+
+class FixedBlockDrafterFactory:
+    """
+    `generate(..., assistant_model=draft, tree_drafter=FixedBlockDrafterFactory(n, token))`: every row verifies a chain
+    of `n` nodes per cycle ([`FixedBlockDrafter`]).
+    """
+
+    def __init__(self, num_nodes: int, token: int):
+        if num_nodes < 0:
+            raise ValueError(f"num_nodes must be >= 0, got {num_nodes}")
+        self.num_nodes, self.token = int(num_nodes), int(token)
+
+    def __call__(self, context: DrafterContext) -> TreeDrafter:
+        return FixedBlockDrafter(self.num_nodes, self.token)

@@ -382,6 +382,7 @@ class _RowDecoder:
 
             path, emitted, stopped = walk_tree(children, choose, stop)
             self.stats.target_seconds += logits.seconds  # the target's LM head, applied outside its forward
+            self.stats.verify_seconds_per_forward.append(verify_seconds + logits.seconds)
             ids = state["ids"]
             keep = path[: len(emitted)]
             compact(self.cache, n_block, keep)
@@ -684,5 +685,6 @@ def _decode_batched(target, draft, cache, decoders: list[_RowDecoder], pending: 
         for drafter in drafters:
             stats = stats.merge(_with_drafter_stats(SpeculationStats(), drafter.stats))
     stats.batched_forwards = decoder.verify_forwards
+    stats.verify_seconds_per_forward = stats.verify_seconds_per_forward + decoder.seconds_per_forward
     stats.target_seconds += decoder.verify_seconds
     return out_rows, stats

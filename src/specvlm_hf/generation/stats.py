@@ -40,6 +40,8 @@ class SpeculationStats:
             LM head included).
         total_seconds (`float`): wall time of the whole decoding call; `total - target - draft` is the loop's own
             time (tree building, masks, acceptance walk, stopping checks, cache compaction, Python).
+        verify_seconds_per_forward (`list[float]`): wall time of every verification forward (its lazily applied LM
+            head included), in order; one entry per forward, however many rows it verified.
         batched_forwards (`int`): verification forwards that verified several rows at once (batch > 1: one per cycle
             for every unfinished row, `generation/batched.py`); `target_forwards` counts row-cycles, so the mean
             acceptance length keeps its per-row meaning; 0 when rows were verified one by one.
@@ -64,6 +66,7 @@ class SpeculationStats:
     target_prefill_seconds: float = 0.0
     draft_seconds: float = 0.0
     total_seconds: float = 0.0
+    verify_seconds_per_forward: list[float] = field(default_factory=list)
     batched_forwards: int = 0
     exact_verification: bool = False
 
@@ -91,6 +94,7 @@ class SpeculationStats:
         out.total_seconds = max(self.total_seconds, other.total_seconds)  # one call's wall time, not a per-row sum
         out.accepted_per_cycle = self.accepted_per_cycle + other.accepted_per_cycle
         out.nodes_per_cycle = self.nodes_per_cycle + other.nodes_per_cycle
+        out.verify_seconds_per_forward = self.verify_seconds_per_forward + other.verify_seconds_per_forward
         depth = max(len(self.depth_reached), len(other.depth_reached))
         out.depth_reached = [
             (self.depth_reached[d] if d < len(self.depth_reached) else 0)
