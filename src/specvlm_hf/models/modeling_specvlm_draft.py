@@ -211,11 +211,15 @@ class SpecVLMDraftOutput(ModelOutput):
             When the call compressed its image spans (`visual_mask` given to a draft with a compressor): the
             compressor's output. `last_hidden_state` then has its length `L'`, and position `j` of row `b` carries the
             prediction of input position `compressor_output.kept_index[b, j]`.
+        logits (`torch.FloatTensor` of shape `(num_selected, draft_vocab_size)`, *optional*):
+            With `logits_mask` and a draft head of its own (`config.draft_vocab_size`): the head's logits at the
+            selected output positions, in `nonzero()` order of the output-coordinate mask (see [`forward`]).
     """
 
     last_hidden_state: torch.FloatTensor | None = None
     past_key_values: Cache | None = None
     compressor_output: CompressorOutput | None = None
+    logits: torch.FloatTensor | None = None
 
 
 def _additive_causal_mask(
@@ -512,6 +516,7 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel):
         fused_inputs: torch.Tensor | None = None,
         visual_mask: torch.Tensor | None = None,
         grid_sizes: list[list[tuple[int, int] | None] | None] | None = None,
+        logits_mask: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> SpecVLMDraftOutput:
         r"""
@@ -546,6 +551,12 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel):
             grid_sizes (`list[list[tuple[int, int] | None] | None]`, *optional*):
                 With `visual_mask`: per row, per image, its `(rows, cols)` raster grid or `None` (see
                 [`fuse_and_compress`]).
+            logits_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Input positions whose draft-head logits to return in `logits` (a draft with its own reduced head only;
+                ignored otherwise). When the call compresses, the mask is carried to the output positions
+                (`logits_mask.gather(1, kept_index)` at kept, non-padding outputs). Training computes its logits here
+                so that the head is used inside `forward`, as distributed wrappers (DDP's unused-parameter search,
+                DeepSpeed) expect.
 
         Returns:
             [`SpecVLMDraftOutput`]
@@ -585,10 +596,18 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel):
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
             )
+        logits = None
+        if logits_mask is not None and self.lm_head is not None:
+            if compressed is not None:
+                source = compressed.kept_index.clamp(min=0)
+                kept = (compressed.kept_index >= 0) & compressed.attention_mask.bool()
+                logits_mask = logits_mask.gather(1, source) & kept
+            logits = self.lm_head(hidden[logits_mask])
         return SpecVLMDraftOutput(
             last_hidden_state=hidden,
             past_key_values=past_key_values if use_cache else None,
             compressor_output=compressed,
+            logits=logits,
         )
 
     # ------------------------------------------------------------------------------------------------------------

@@ -414,6 +414,8 @@ class OnlineDistillationTrainer(Trainer):
             "attention_mask": attention_mask[:, 1:] if attention_mask is not None else None,
             "position_ids": position_ids,
         }
+        if draft.lm_head is not None:  # the draft's own head runs inside forward (DDP / DeepSpeed see it used)
+            draft_inputs["logits_mask"] = mask
         compression = self._compression_inputs(draft, batch, device)
         if compression is not None:
             draft_inputs.update(compression)  # the compressor runs inside the draft (Gumbel gate when training)
@@ -435,10 +437,11 @@ class OnlineDistillationTrainer(Trainer):
         feature_loss = smooth_l1_feature_loss(predicted, target_features)  # (B, L-1) or (B, L')
         # logits only where they are trained: (N, vocab) instead of (B, L-1, vocab)
         head = self.teacher.get_output_embeddings()
-        selected = predicted[mask]
-        if draft.lm_head is None:  # the target's head: its device and dtype
-            selected = selected.to(head.weight.device, head.weight.dtype)
-        draft_logits = draft.compute_logits(selected, head).to(device)
+        if draft_out.logits is not None:
+            draft_logits = draft_out.logits
+        else:  # the target's head: its device and dtype
+            selected = predicted[mask].to(head.weight.device, head.weight.dtype)
+            draft_logits = draft.compute_logits(selected, head).to(device)
         if source is None:
             teacher_selected = teacher_logits[mask]
         else:
@@ -561,14 +564,16 @@ class OnlineDistillationTrainer(Trainer):
                 position_ids=position_ids + step,
                 past_key_values=cache,
                 use_cache=True,
+                logits_mask=mask,
             )
             hidden = out.last_hidden_state
             rows, columns = mask.nonzero(as_tuple=True)
             feature_sum = masked_sum(smooth_l1_feature_loss(hidden, shift_left(target_features, step)), mask)
-            selected = hidden[rows, columns]
-            if draft.lm_head is None:
-                selected = selected.to(head.weight.device, head.weight.dtype)
-            draft_logits = draft.compute_logits(selected, head).to(hidden.device)
+            if out.logits is not None:
+                draft_logits = out.logits
+            else:
+                selected = hidden[rows, columns].to(head.weight.device, head.weight.dtype)
+                draft_logits = draft.compute_logits(selected, head).to(hidden.device)
             teacher_selected = teacher_logits[rows, columns + step]
             if d2t is not None:
                 teacher_selected = teacher_selected[:, d2t]
