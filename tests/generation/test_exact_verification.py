@@ -16,6 +16,7 @@ from specvlm_hf.generation.exact_attention import (
     exact_sdpa_attention,
     probe_exact_verification,
 )
+from specvlm_hf.generation.drafters import ReplayDrafterFactory
 from specvlm_hf.generation.tree import DraftTree
 from specvlm_hf.testing.tiny_models import FAMILIES, MULTIMODAL_FAMILIES, build_tiny_target, make_inputs
 from transformers import DynamicCache
@@ -143,3 +144,31 @@ def test_the_fast_path_is_a_switch_and_is_not_exact_here():
     assert not fast.speculation.exact_verification
     n = min(len(fast.logits), len(plain.logits))
     assert not all(torch.equal(a, b) for a, b in zip(fast.logits[:n], plain.logits[:n]))
+
+
+@needs_exact_kernels
+@pytest.mark.parametrize("family,with_image", [
+    ("llava", True), ("llava_next", True), ("qwen2_vl", True), ("qwen2_5_vl", False), ("idefics3", True),
+    ("gemma3", True), ("gemma3", False), ("llama", False), ("qwen2", False)])
+def test_bf16_batch_of_four_is_bitwise_plain_decoding_in_one_forward(family, with_image):
+    """Exact verification of a batch in one forward per cycle: rows of different lengths accepting different lengths
+    per cycle (a replay draft spoiled differently per row), each laid out as at batch size 1."""
+    target = build_tiny_target(family).to(torch.bfloat16)
+    torch.manual_seed(1)
+    draft = SpecVLMDraftModel.from_target(target).to(torch.bfloat16)
+    inputs = make_inputs(family, target, with_image=with_image, batch_size=4, prompt_len=12)
+    kwargs = dict(max_new_tokens=30, do_sample=False, return_dict_in_generate=True)
+    plain = target.generate(**inputs, **kwargs)
+    mask = inputs["attention_mask"]
+    n = mask.shape[1]
+    references = []
+    for r, every in enumerate((0, 2, 3, 5)):
+        row = inputs["input_ids"][r][mask[r].bool()].tolist() + plain.sequences[r, n:].tolist()
+        start = int(mask[r].sum()) + 1
+        for i in range(start, len(row), every or len(row)):
+            row[i] = (row[i] + 7) % 80 + 3 if every else row[i]
+        references.append(row)
+    for extra in ({}, {"tree_drafter": ReplayDrafterFactory(references), "tree_depth": 6}):
+        spec = target.generate(**inputs, assistant_model=draft, **kwargs, **extra)
+        assert spec.speculation.exact_verification and spec.speculation.batched_forwards > 0
+        assert spec.sequences.tolist() == plain.sequences.tolist()

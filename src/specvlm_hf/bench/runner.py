@@ -742,7 +742,7 @@ def aggregate(
                 )
                 if batch_size > 1:
                     how = ("all unfinished rows verified in one forward per cycle" if stats.batched_forwards
-                           else "rows verified one after another after one batched prefill (exact verification)")
+                           else "rows verified one after another after one batched prefill")
                     note = "; ".join(filter(None, [note, how]))
                     record["note"] = note
             elif batch_size == 1:

@@ -25,11 +25,18 @@ and every column keeps its plain-decoding index, so masks, sliding windows and p
 Sliding-window layers are kept whole (`cache_utils.unslide_layers`) and windowed by the mask, because trimming the
 shared tensor to its last `window - 1` columns would cut keys that a shorter row still needs.
 
-What runs where (routed explicitly by `loop.py`, never silently): batch size 1, bf16/fp16 exact verification
-(`exact_attention.py`: its row-wise attention lays out one row's keys; at batch > 1 it keeps the proven per-row path)
-and caches whose sliding-window layers were trimmed by an earlier call go through the per-row loop; everything else at
-batch > 1 through this one. Greedy rows equal their batch-1 result (fp32: up to the floating-point reordering of a
-multi-row forward, the same caveat as verification at batch 1, see the README); sampled rows are distribution-exact.
+Exact verification (bf16/fp16, `exact_attention.py`) runs here too: its plan is built per row from the row's mask with
+the unused columns cut out (the mask the row has at batch size 1), and each row's node paths are written right after
+its valid columns (over its unused ones) and its block restored, so every row attends exactly what plain decoding
+holds. It needs the target's linear layers to be row-invariant up to the batched forward's row count, which
+`exact_attention.probe_linear_shapes` checks for every row count (on an AMX CPU a 64 -> 37 bf16 GEMM stops being
+row-invariant at 89 rows); where it fails the rows are verified one after another.
+
+What runs where (routed explicitly by `loop.py`, never silently): batch size 1, caches whose sliding-window layers
+were trimmed by an earlier call, exact verification where the row-count probe fails and `tree_batched=False` go
+through the per-row loop; everything else at batch > 1 through this one. Greedy rows equal their batch-1 result
+(bitwise with exact verification; fp32 up to the floating-point reordering of a multi-row forward, the same caveat as
+verification at batch 1, see the README); sampled rows are distribution-exact.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengt
 
 from .acceptance import walk_tree
 from .cache_utils import compact_rows, keep_rows
+from .exact_attention import PLAN_KWARG, RowwisePlan
 from .ngram import merge_branch, ngram_candidate
 from .tree import DraftTree, children_table
 
@@ -128,6 +136,7 @@ class BatchedTreeDecoder:
         self.fast_greedy = not first.do_sample and len(first.logits_processor) == 0 and not (
             first.keep_scores or first.keep_logits)
         self.simple_stops = _simple_stops(first.stopping_criteria)
+        self.exact, self.padded_batch = first.exact, first.padded_batch
         self.verify_forwards = 0
         self.verify_seconds = 0.0
         self.seconds_per_forward: list[float] = []
@@ -179,6 +188,22 @@ class BatchedTreeDecoder:
         if len(masks) == 1 and (not self.layer_types or len(self.kinds) == 1):
             return next(iter(masks.values()))
         return masks
+
+    def _exact_plan(self, mask, span: int, width: int) -> RowwisePlan:
+        """
+        The exact verification attention's plan (`exact_attention.py`): every row laid out as at batch size 1, its
+        padding columns those a batch-1 cache would hold (a sliding layer's cache holds the last `window - 1`).
+        """
+        cols = torch.arange(span + width, device=self.device)
+        pad = cols[None] < self.n_pad[:, None]  # (b, S + W)
+        padding = {}
+        for kind in self.kinds:
+            window = self.windows.get(kind)
+            kept = pad if window is None else pad & (cols[None] > self.columns[:, None] - window)
+            padding[kind] = kept.cpu()
+        if not isinstance(mask, dict):
+            padding = {"full_attention": padding[self.kinds[0]]}
+        return RowwisePlan.from_masks(mask, padding, self.padded_batch, valid=self.columns.tolist())
 
     def _greedy_walk(self, out, tokens: torch.Tensor, parents: torch.Tensor, width: int):
         """
@@ -284,6 +309,7 @@ class BatchedTreeDecoder:
             if self.mrope_axes:
                 positions = positions[None].expand(self.mrope_axes, -1, -1)
             span = self.cache.get_seq_length()
+            exact_kwargs = {PLAN_KWARG: self._exact_plan(mask, span, width)} if self.exact else {}
             verify_started = time.perf_counter()
             out = self.target(
                 input_ids=tokens,
@@ -294,6 +320,7 @@ class BatchedTreeDecoder:
                 output_hidden_states=self.verify_layer_ids,
                 logits_to_keep=self.root_only if self.head_mode != "model" else 0,
                 return_dict=True,
+                **exact_kwargs,
             )
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)

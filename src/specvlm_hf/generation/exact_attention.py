@@ -53,6 +53,17 @@ class _MaskPlan:
 
 
 @dataclass
+class _BatchPlan:
+    """Plans of a batched verification forward (`generation/batched.py`): one [`_MaskPlan`] per batch row, built from
+    the row's mask with its unused columns (`valid[b]` .. `span`) cut out, i.e. the mask the row has at batch size 1;
+    the row's path is laid out right after its valid columns, and its block (from column `span`) is restored after."""
+
+    span: int  # key columns before the block (the widest row)
+    valid: list[int]  # valid key columns of each row
+    rows: list[_MaskPlan]
+
+
+@dataclass
 class RowwisePlan:
     """
     The per-row attention layout of one verification forward, built once from its additive mask(s) and shared by every
@@ -63,7 +74,7 @@ class RowwisePlan:
             mask tensor).
     """
 
-    masks: dict[int, _MaskPlan] = field(default_factory=dict)
+    masks: dict[int, _MaskPlan | _BatchPlan] = field(default_factory=dict)
 
     @classmethod
     def from_masks(
@@ -71,25 +82,43 @@ class RowwisePlan:
         masks: torch.Tensor | dict[str, torch.Tensor],
         padding: dict[str, torch.Tensor] | None = None,
         padded_batch: bool = False,
+        valid: list[int] | None = None,
     ) -> "RowwisePlan":
         """
         Args:
-            masks (`torch.FloatTensor` of shape `(1, 1, n, kv_len)` or a dict of them by kind): the verification
-                forward's additive masks (0 = attend), as built by `tree_attention_mask`.
-            padding (`dict[str, torch.BoolTensor]`, *optional*): per kind, the key columns holding left padding
-                (`tree_attention_mask(..., padding=...)`).
+            masks (`torch.FloatTensor` of shape `(b, 1, n, kv_len)` or a dict of them by kind): the verification
+                forward's additive masks (0 = attend), as built by `tree_attention_mask` (`b = 1`) or by the batched
+                loop.
+            padding (`dict[str, torch.BoolTensor]`, *optional*): per kind, the key columns holding left padding,
+                `(kv_len,)` (`tree_attention_mask(..., padding=...)`) or `(b, kv_len)` (batched).
             padded_batch (`bool`, *optional*): whether the generate call's batch had padding: plain decoding then
                 passes every row a boolean padding mask (and keeps the padded keys), otherwise no mask.
+            valid (`list[int]`, *optional*): batched forwards only: per row, its valid key columns before the block
+                (the batched layout of `generation/batched.py`: columns from `valid[b]` to the block are unused).
         """
         items = masks.items() if isinstance(masks, dict) else [("full_attention", masks)]
         plan = cls()
         for kind, mask in items:
             pad = padding.get(kind) if padding else None
-            plan.masks[mask.data_ptr()] = _plan_for(mask, pad, padded_batch)
+            if valid is None:
+                if mask.shape[0] != 1:
+                    raise ValueError("a batched verification mask needs the rows' valid lengths (`valid`)")
+                plan.masks[mask.data_ptr()] = _plan_for(mask, pad, padded_batch)
+                continue
+            n = mask.shape[2]
+            span = mask.shape[-1] - n
+            rows = []
+            for b, length in enumerate(valid):
+                row_mask = torch.cat([mask[b : b + 1, :, :, :length], mask[b : b + 1, :, :, span:]], dim=-1)
+                row_pad = None if pad is None else torch.cat([pad[b, :length], pad[b, span:]])
+                rows.append(_plan_for(row_mask, row_pad, padded_batch, in_place=length == span))
+            plan.masks[mask.data_ptr()] = _BatchPlan(span, list(valid), rows)
         return plan
 
 
-def _plan_for(mask: torch.Tensor, pad: torch.Tensor | None, padded_batch: bool) -> _MaskPlan:
+def _plan_for(mask: torch.Tensor, pad: torch.Tensor | None, padded_batch: bool, in_place: bool = True) -> _MaskPlan:
+    """One sequence's plan; `in_place`: the block's keys already sit right after the prefix (False for a batched row
+    shorter than the widest one: its path is written over unused columns, every position of it)."""
     allowed = (mask[0, 0] == 0).cpu()
     n, kv_len = allowed.shape
     prefix = kv_len - n
@@ -114,7 +143,7 @@ def _plan_for(mask: torch.Tensor, pad: torch.Tensor | None, padded_batch: bool) 
     # visit rows parents first (slot order: a node's ancestors have smaller slots); rewrite only the differing tail
     order = list(range(n))
     writes: list[tuple[int, torch.Tensor] | None] = [None] * n
-    current = list(range(n))  # which block slot's keys sit at each block position right now
+    current = list(range(n)) if in_place else [-1] * n  # which block slot's keys sit at each position right now
     for row in order:
         path = paths[row]
         first = next((j for j, slot in enumerate(path) if current[j] != slot), len(path))
@@ -149,20 +178,46 @@ def exact_sdpa_attention(
     every query row is attended as plain one-token decoding would attend it (see the module docstring).
 
     Args:
-        query (`torch.FloatTensor` of shape `(1, heads, n, head_dim)`), key / value (`(1, kv_heads, kv_len,
+        query (`torch.FloatTensor` of shape `(b, heads, n, head_dim)`), key / value (`(b, kv_heads, kv_len,
             head_dim)`): as transformers' attention functions receive them; key/value may be the cache's own tensors:
-            they are restored exactly before returning.
-        attention_mask (`torch.FloatTensor` of shape `(1, 1, n, kv_len)`): the verification mask of this layer's kind.
+            the block is restored exactly before returning (a batched row's unused columns may be left overwritten).
+        attention_mask (`torch.FloatTensor` of shape `(b, 1, n, kv_len)`): the verification mask of this layer's kind
+            (`b > 1`: a batched forward, planned row by row, see [`RowwisePlan.from_masks`]).
 
     Returns:
-        `(attn_output, None)` with `attn_output` of shape `(1, n, heads, head_dim)`.
+        `(attn_output, None)` with `attn_output` of shape `(b, n, heads, head_dim)`.
     """
     plan: RowwisePlan | None = kwargs.pop(PLAN_KWARG, None)
-    if plan is None or attention_mask is None or query.shape[0] != 1:
+    if plan is None or attention_mask is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     layout = plan.masks.get(attention_mask.data_ptr())
     if layout is None:
         raise RuntimeError("exact verification attention got a mask it has no plan for")
+    if isinstance(layout, _BatchPlan):
+        out = query.new_empty((query.shape[0], query.shape[2], query.shape[1], value.shape[-1]))
+        for b, row_layout in enumerate(layout.rows):
+            out[b : b + 1] = _attend_rows(module, query[b : b + 1], key[b : b + 1], value[b : b + 1], row_layout,
+                                          layout.span, kwargs)
+        return out, None
+    if query.shape[0] != 1:
+        raise RuntimeError("exact verification attention got a batched forward with a batch-1 plan")
+    return _attend_rows(module, query, key, value, layout, layout.prefix, kwargs), None
+
+
+def _attend_rows(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 layout: _MaskPlan, block_start: int, kwargs: dict) -> torch.Tensor:
+    """
+    Every query row of one sequence attended as plain one-token decoding attends it.
+
+    Args:
+        query (`(1, heads, n, head_dim)`), key / value (`(1, kv_heads, kv_len, head_dim)`, views of the cache's own
+            tensors): the block's keys start at column `block_start`; each row's path is written from column
+            `layout.prefix` on (`layout.prefix <= block_start`: a batched row writes over its unused columns too) and
+            the block is restored before returning.
+
+    Returns:
+        `torch.FloatTensor` of shape `(1, n, heads, head_dim)`.
+    """
     sliding_window = kwargs.get("sliding_window")
     # plain decoding's own call for an unmasked one-token query (sdpa_attention_forward with attention_mask=None):
     # made directly, without the wrapper's per-call checks, when nothing else (bias, softcap, dropout) is involved
@@ -173,7 +228,7 @@ def exact_sdpa_attention(
     scaling = kwargs.get("scaling")
     prefix = layout.prefix
     n = query.shape[2]
-    saved_k, saved_v = key[:, :, prefix:].clone(), value[:, :, prefix:].clone()
+    saved_k, saved_v = key[:, :, block_start:].clone(), value[:, :, block_start:].clone()
     out = query.new_empty((1, n, query.shape[1], value.shape[-1]))
     try:
         for row in layout.order:
@@ -201,9 +256,9 @@ def exact_sdpa_attention(
                 o, _ = sdpa_attention_forward(module, query[:, :, row : row + 1], k_row, v_row, row_mask, **kwargs)
                 out[:, row] = o[:, 0]
     finally:
-        key[:, :, prefix:] = saved_k
-        value[:, :, prefix:] = saved_v
-    return out, None
+        key[:, :, block_start:] = saved_k
+        value[:, :, block_start:] = saved_v
+    return out
 
 
 AttentionInterface.register(EXACT_ATTENTION, exact_sdpa_attention)
@@ -294,4 +349,40 @@ def probe_exact_verification(
             if not torch.equal(view, F.scaled_dot_product_attention(q, copy, copy)):
                 result = ExactnessProbe(False, f"SDPA in {dtype} depends on the key tensor's strides")
     _PROBES[key] = result
+    return result
+
+
+_SHAPE_PROBES: dict[tuple, ExactnessProbe] = {}
+
+
+def probe_linear_shapes(
+    device: torch.device | str, dtype: torch.dtype, shapes: list[tuple[int, int]], max_rows: int
+) -> ExactnessProbe:
+    """
+    Checks, once per (device, dtype, shapes, max_rows), that `F.linear` with each `(in_features, out_features)` of
+    `shapes` gives every row of an `M`-row call what a one-row call gives it, for EVERY `M` from 2 to `max_rows` and
+    every row: GEMM kernels can change their blocking past some row count for some widths (e.g. bf16 on an AMX CPU,
+    64 -> 37 features, from 89 rows on), which a few sampled sizes would miss. The batched exact verification
+    (`generation/batched.py`) runs only where this holds for the target's own linear layers.
+    """
+    device = torch.device(device)
+    shapes = sorted(set(shapes))
+    key = (device.type, device.index, dtype, tuple(shapes), max_rows)
+    if key in _SHAPE_PROBES:
+        return _SHAPE_PROBES[key]
+    generator = torch.Generator().manual_seed(4321)
+    result = ExactnessProbe(True)
+    with torch.no_grad():
+        for in_features, out_features in shapes:
+            weight = (torch.randn(out_features, in_features, generator=generator) / in_features**0.5).to(device, dtype)
+            x = torch.randn(max_rows, in_features, generator=generator).to(device, dtype)
+            single = torch.cat([F.linear(x[r : r + 1], weight) for r in range(max_rows)])
+            for rows in range(2, max_rows + 1):
+                if not torch.equal(F.linear(x[:rows], weight), single[:rows]):
+                    result = ExactnessProbe(False, f"F.linear {in_features}->{out_features} in {dtype} is not "
+                                                   f"row-invariant at {rows} rows")
+                    break
+            if not result.exact:
+                break
+    _SHAPE_PROBES[key] = result
     return result

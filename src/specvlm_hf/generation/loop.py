@@ -4,9 +4,9 @@ It follows the contract of transformers' decoding methods (same arguments as `_a
 and is reached through the route installed at import (`specvlm_hf.generation.route`).
 
 Batch size > 1: after one batched prefill and vision pass, every unfinished row's tree is verified in one target
-forward per cycle (`batched.py`, which documents the batched KV layout); exact verification (bf16/fp16 with
-`exact_attention.py`) and caches whose sliding-window layers an earlier call trimmed keep the per-row loop below
-(routed explicitly, [`_batched_route`]). The steps, per row:
+forward per cycle (`batched.py`, which documents the batched KV layout), exact verification included; caches whose
+sliding-window layers an earlier call trimmed (and exact verification where the GEMM probe fails at the batched row
+count) keep the per-row loop below (routed explicitly, [`_batched_route`]). The steps, per row:
 
 1. prefill the target (vision encoding included) with `output_hidden_states` for the draft's taps; emit the first
    token exactly as plain decoding does;
@@ -47,7 +47,13 @@ from .drafter import BatchedEagleTreeDrafter, EagleTreeDrafter, TreeKnobs
 from .adaptive import AdaptiveTreeSizer
 from .drafters import DrafterContext, EagleDrafterFactory
 from .ngram import merge_branch, ngram_candidate
-from .exact_attention import PLAN_KWARG, RowwisePlan, exact_attention_selected, probe_exact_verification
+from .exact_attention import (
+    PLAN_KWARG,
+    RowwisePlan,
+    exact_attention_selected,
+    probe_exact_verification,
+    probe_linear_shapes,
+)
 from .route import GENERATE_KNOBS
 from .stats import SpeculationStats
 from .tree import children_table, position_ids_for_tree
@@ -558,7 +564,8 @@ def _decode(target, draft, input_ids, logits_processor, stopping_criteria, gener
 
     stats = SpeculationStats(exact_verification=exact, target_seconds=prefill_seconds,
                              target_prefill_seconds=prefill_seconds)
-    batched = batch_size > 1 and _batched_route(cache, exact, generation_config)
+    batched = batch_size > 1 and _batched_route(target, cache, exact, generation_config,
+                                                batch_size * (knobs.total_tokens + ngram[0] + 1))
     windows: dict[str, int] = {}
     if batched:
         windows = {layer_types[i] if layer_types else "full_attention": layer.sliding_window
@@ -630,16 +637,25 @@ def _decode(target, draft, input_ids, logits_processor, stopping_criteria, gener
     )
 
 
-def _batched_route(cache, exact: bool, generation_config: "GenerationConfig") -> bool:
+def _batched_route(target, cache, exact: bool, generation_config: "GenerationConfig", max_rows: int) -> bool:
     """
     Whether a batch > 1 is verified in one forward per cycle (`batched.py`) rather than row after row. The per-row loop
-    stays for: exact verification (its row-wise attention lays out one row's keys at a time), a cache whose
-    sliding-window layers an earlier call already trimmed (rows would not share columns), and
-    `tree_batched=False` per call (a diagnostic).
+    stays for: a cache whose sliding-window layers an earlier call already trimmed (rows would not share columns),
+    exact verification on a machine whose GEMMs are row-invariant only up to fewer rows than a batched forward holds
+    (`max_rows`, probed), and `tree_batched=False` per call (a diagnostic).
     """
-    if getattr(generation_config, "tree_batched", None) is False:
+    if getattr(generation_config, "tree_batched", None) is False or not batched_layout_supported(cache):
         return False
-    return not exact and batched_layout_supported(cache)
+    if exact:
+        head = target.get_output_embeddings()
+        shapes = [(m.in_features, m.out_features) for m in target.get_decoder().modules()
+                  if isinstance(m, torch.nn.Linear) and m is not head]
+        probe = probe_linear_shapes(head.weight.device, head.weight.dtype, shapes, max_rows)
+        if not probe.exact:
+            logger.warning_once(f"exact verification verifies batch rows one after another here ({probe.reason}, "
+                                f"a batched verification forward holds up to {max_rows} rows).")
+            return False
+    return True
 
 
 def _with_drafter_stats(row_stats: SpeculationStats, drafter_stats) -> SpeculationStats:
