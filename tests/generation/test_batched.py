@@ -219,3 +219,32 @@ def test_rows_finishing_at_their_first_token(targets):
                           return_dict_in_generate=True)
     assert out.sequences.tolist() == reference.tolist()
     assert out.speculation.batched_forwards >= 1
+
+
+def test_per_row_compaction_and_row_dropping():
+    """`compact_rows` moves each row's kept block slots right after its valid columns and cuts the tensor to the
+    longest row; `keep_rows` drops finished rows; `stack_row_caches` left-aligns rows of different lengths."""
+    from transformers import DynamicCache
+
+    from specvlm_hf.generation.cache_utils import compact_rows, keep_rows, stack_row_caches
+
+    rows = []
+    for length in (3, 5):
+        cache = DynamicCache()
+        keys = torch.arange(length, dtype=torch.float32).view(1, 1, length, 1) + 100 * len(rows)
+        cache.update(keys, keys.clone(), 0)
+        rows.append(cache)
+    cache, lengths = stack_row_caches(rows)
+    assert lengths == [3, 5] and cache.layers[0].keys.shape == (2, 1, 5, 1)
+    block = torch.tensor([[10.0, 11, 12, 13], [20, 21, 22, 23]]).view(2, 1, 4, 1)
+    cache.update(block, block.clone(), 0)  # a verification block of 4 slots after the widest row (column 5)
+    keep = torch.tensor([[0, 2, 3], [0, 1, 1]])  # row 0 keeps slots 0, 2, 3; row 1 keeps slots 0, 1 (padded)
+    valid = torch.tensor([3, 5])
+    index = torch.tensor([[0, 1, 2], [0, 1, 1]])
+    compact_rows(cache, valid[:, None] + index, 5 + keep, 7)
+    keys = cache.layers[0].keys[:, 0, :, 0]
+    assert keys.shape == (2, 7)
+    assert keys[0, :6].tolist() == [0, 1, 2, 10, 12, 13]
+    assert keys[1, :7].tolist() == [100, 101, 102, 103, 104, 20, 21]
+    keep_rows(cache, torch.tensor([1]), 7)
+    assert cache.layers[0].keys[:, 0, :, 0].tolist() == [[100, 101, 102, 103, 104, 20, 21]]
