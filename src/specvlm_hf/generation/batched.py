@@ -91,9 +91,7 @@ def _simple_stops(criteria: "StoppingCriteriaList") -> tuple[int | None, torch.T
     every row's emitted tokens at once), else `None` (each criterion is called after every token)."""
     max_length, eos = None, []
     for criterion in criteria:
-        if type(criterion) is MaxLengthCriteria:
-            if criterion.max_position_embeddings is not None:
-                return None  # it warns past the model's positions: keep its own call
+        if type(criterion) is MaxLengthCriteria:  # (its warning past the model's positions: see `_warn_positions`)
             max_length = criterion.max_length if max_length is None else min(max_length, criterion.max_length)
         elif type(criterion) is EosTokenCriteria:
             eos.append(criterion.eos_token_id.flatten())
@@ -137,6 +135,9 @@ class BatchedTreeDecoder:
             first.keep_scores or first.keep_logits)
         self.simple_stops = _simple_stops(first.stopping_criteria)
         self.exact, self.padded_batch = first.exact, first.padded_batch
+        # max-length criteria that warn once a sequence outgrows the model's positions (checked as tensors otherwise)
+        self.position_warners = [c for c in first.stopping_criteria
+                                 if type(c) is MaxLengthCriteria and c.max_position_embeddings is not None]
         self.verify_forwards = 0
         self.verify_seconds = 0.0
         self.seconds_per_forward: list[float] = []
@@ -259,6 +260,12 @@ class BatchedTreeDecoder:
         fires &= steps[None] < n_emitted[:, None]
         return torch.where(fires.any(dim=-1), fires.to(torch.int8).argmax(dim=-1), torch.full_like(n_emitted, width))
 
+    def _warn_positions(self, longest: int) -> None:
+        """The max-length criterion's own warning past the model's positions (the tensor check skips its call)."""
+        for criterion in self.position_warners:
+            if longest > criterion.max_position_embeddings:
+                criterion(self.sequences.new_zeros((1, longest)), None)
+
     def _write(self, row: int, new_tokens: list[int]) -> None:
         """Appends tokens to a row's ids (the buffer grows, once, if a row outruns it)."""
         start = self.lengths[row]
@@ -350,6 +357,8 @@ class BatchedTreeDecoder:
 
             # ---- commit: ids, stats, compaction
             counts = [len(emitted) for _, emitted, _ in results]
+            if self.simple_stops is not None and self.position_warners:
+                self._warn_positions(max(self.lengths[r] for r in self.rows) + max(counts))
             k_max = max(counts)
             keep_slots = torch.zeros((len(self.rows), k_max), dtype=torch.long)
             next_tokens = torch.zeros((len(self.rows), k_max), dtype=torch.long)
