@@ -2,7 +2,7 @@
 One `OnlineDistillationTrainer` update on the tiny Llava target, run by `test_distributed.py` under
 `accelerate launch --num_processes N --cpu` (gloo) or in a single process.
 
-    python distributed_worker.py <data.jsonl> <output_dir> <per_device_batch_size> <ttt_steps>
+    python distributed_worker.py <data.jsonl> <output_dir> <per_device_batch_size> <ttt_steps> [streaming]
 
 Writes the trained draft (rank 0 only, through `save_model`) and `rank<r>.json` per process: what the process saw of
 the teacher (frozen, in eval mode, unchanged, on this process's device) and of the run.
@@ -32,7 +32,9 @@ class RecordingTrainer(OnlineDistillationTrainer):
         super()._save(output_dir, state_dict=state_dict)
 
 
-def run(data: str, output_dir: str, batch_size: int, ttt_steps: int) -> OnlineDistillationTrainer:
+def run(
+    data: str, output_dir: str, batch_size: int, ttt_steps: int, streaming: bool = False
+) -> OnlineDistillationTrainer:
     torch.set_num_threads(1)
     target = build_tiny_target("llava", seed=0)
     processor = build_tiny_processor("llava")
@@ -56,6 +58,8 @@ def run(data: str, output_dir: str, batch_size: int, ttt_steps: int) -> OnlineDi
         use_cpu=True,
         seed=0,
         ttt_steps=ttt_steps,
+        streaming=streaming,
+        streaming_shuffle_buffer_size=0,
     )
     trainer = RecordingTrainer(
         model=draft, teacher=target, args=args, train_dataset=data, processing_class=processor
@@ -73,6 +77,7 @@ def run(data: str, output_dir: str, batch_size: int, ttt_steps: int) -> OnlineDi
         "teacher_device": str(next(target.parameters()).device),
         "teacher_is_not_a_submodule": not any(m is target for m in trainer.model_wrapped.modules()),
         "global_step": trainer.state.global_step,
+        "train_dataset": type(trainer.train_dataset).__name__,
         "saves": RecordingTrainer.saves,
         "draft_wrapped_by": type(trainer.model_wrapped).__name__,
         "training_recipe": trainer.accelerator.unwrap_model(trainer.model_wrapped).config.training_recipe,
@@ -84,4 +89,4 @@ def run(data: str, output_dir: str, batch_size: int, ttt_steps: int) -> OnlineDi
 
 if __name__ == "__main__":
     data_path, out, size, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    run(data_path, out, size, steps)
+    run(data_path, out, size, steps, streaming=sys.argv[5:] == ["streaming"])

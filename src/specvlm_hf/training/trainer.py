@@ -287,6 +287,48 @@ class OnlineDistillationTrainer(Trainer):
             )
         return super()._get_train_sampler(train_dataset)
 
+    def get_train_dataloader(self) -> DataLoader:
+        """
+        [`~transformers.Trainer.get_train_dataloader`], except for a [`StreamingDistillationDataset`] read by several
+        processes: the main process reads the stream, collates the **global** batch (`per_device_train_batch_size *
+        num_processes` rows, padded together) and hands each process its slice (accelerate's dispatcher with
+        `split_batches`), so every process gets the same sequence length and the update equals one process with the
+        global batch. (Collating per process, as the stock path does, gives batches of different lengths that the
+        dispatcher cannot gather.) Records skipped by data-loader worker processes are then logged by the workers but
+        not totalled.
+        """
+        dataset = self.train_dataset
+        if not isinstance(dataset, StreamingDistillationDataset) or self.accelerator.num_processes == 1:
+            return super().get_train_dataloader()
+        from accelerate.data_loader import prepare_data_loader
+
+        collator = self.data_collator
+
+        def collate(features: list[dict[str, Any]]) -> dict[str, Any]:
+            batch = collator(features)
+            self._count_failed_records(batch, dataset)  # only tensors can be dispatched
+            return batch
+
+        args = self.args
+        loader = DataLoader(
+            dataset,
+            batch_size=self._train_batch_size * self.accelerator.num_processes,
+            collate_fn=collate,
+            num_workers=args.dataloader_num_workers,
+            pin_memory=args.dataloader_pin_memory,
+            persistent_workers=args.dataloader_persistent_workers,
+            prefetch_factor=args.dataloader_prefetch_factor,
+        )
+        return prepare_data_loader(
+            loader,
+            device=self.accelerator.device,
+            num_processes=self.accelerator.num_processes,
+            process_index=self.accelerator.process_index,
+            split_batches=True,
+            put_on_device=True,
+            dispatch_batches=True,
+        )
+
     def get_batch_samples(
         self, epoch_iterator: Any, num_batches: int, device: torch.device
     ) -> tuple[list, torch.Tensor | int | None]:
@@ -317,8 +359,9 @@ class OnlineDistillationTrainer(Trainer):
         if isinstance(dataset, DistillationDataset) and dataset.failed_in_use:
             dataset.log_summary()
             output.metrics["train_records_failed_after_validation"] = sum(dataset.failed_in_use.values())
-        if isinstance(dataset, StreamingDistillationDataset):
-            dataset.log_summary()
+        if isinstance(dataset, StreamingDistillationDataset):  # read by the main process under accelerate
+            if self.is_world_process_zero():
+                dataset.log_summary()
             output.metrics["train_records_skipped"] = sum(dataset.skipped.values())
         return output
 
@@ -887,6 +930,8 @@ class OnlineDistillationTrainer(Trainer):
     def _training_summary(self) -> dict[str, Any]:
         args = self.args
         loss = f"{args.lambda_logit} x soft CE (T=1) + {args.lambda_feat} x SmoothL1 (online teacher)"
+        if args.ttt_steps > 1:
+            loss += f"; training-time test (EAGLE-3): {args.ttt_steps} steps, step i weighted {args.ttt_decay}^i"
         compressor = getattr(self.accelerator.unwrap_model(self.model), "compressor", None)
         if compressor is not None:
             loss += f"; elastic compressor (`{compressor.config.mode}` mode) trained jointly"
