@@ -28,11 +28,12 @@ For `n = 4` and step 2 (`1` = attend; query rows `t`, key columns grouped by ste
       t = 2      1 1 1 .       . . 1 .       . . 1 .
       t = 3      1 1 1 1       . . . 1       . . . 1
 
-The step-0 block is causal (and respects padding); each later block is the diagonal (EAGLE-3's "diagonal"). Since
-positions follow the chain (`t + j` at step `j`), relative distances under RoPE are those of decoding: `i - j` to
-the chain's step-`j` node, at least `i` to the context. EAGLE-3's reference trainer keeps the positions of step 0 and
-also hides the context keys `t-i+1 .. t` from step `i`; the layout here instead reproduces this library's drafter
-exactly (tested against it), which is what the trained draft will run.
+The step-0 block is causal (and respects padding); each later block is the diagonal (EAGLE-3's "diagonal", the same
+causal-plus-diagonals layout as SpecForge's EAGLE-3 flex-attention mask; some EAGLE-3 trainers also shrink the causal
+block by one more diagonal per step). Positions follow the chain (`t + j` at step `j`, where the drafter puts a node
+of depth `j`), so relative distances under RoPE are those of decoding: `i - j` to the chain's step-`j` node, at least
+`i` to the context. The choice here is to reproduce this library's drafter exactly (a test runs the drafter's calls
+chain by chain and compares the loss), since that is what the trained draft will run.
 
 Chains that would run past the end of the row (`t + i > n - 1`) and positions whose token `x_{t+2+i}` is not
 labelled are not trained. With `K = ttt_steps` steps the loss is
