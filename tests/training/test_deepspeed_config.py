@@ -29,7 +29,8 @@ def test_the_zero2_config_is_filled_from_the_training_arguments(tmp_path):
 
     config = json.loads(CONFIG.read_text())
     assert config["zero_optimization"]["stage"] == 2
-    assert set(_autos(config)) >= {"train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer.params.betas"}
+    expected_autos = {"train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer.params.betas"}
+    assert set(_autos(config)) >= expected_autos
     # transformers' filling code, on accelerate's config holder (HfTrainerDeepSpeedConfig's own base needs deepspeed)
     methods = {
         name: value

@@ -17,8 +17,8 @@ from specvlm_hf.training import (
     StreamingDistillationDataset,
     cli,
     load_llava_records,
+    streaming,
 )
-from specvlm_hf.training import streaming
 from specvlm_hf.training.streaming import stream_llava_files
 
 from .training_helpers import make_records, tiny_args
@@ -78,7 +78,8 @@ def test_torn_last_line_is_named(processor, image_dir, tmp_path):
     path = tmp_path / "torn.jsonl"
     lines = write_messy_jsonl(path, image_dir)
     problems = [item for item in stream_llava_files([str(path)]) if item["problem"]]
-    assert [item["location"] for item in problems] == [f"{path}:{lines[key]}" for key in ("bad_byte", "not_json", "torn")]
+    expected = [f"{path}:{lines[key]}" for key in ("bad_byte", "not_json", "torn")]
+    assert [item["location"] for item in problems] == expected
     assert problems[-1]["problem"].startswith("torn last line")
 
 

@@ -53,8 +53,8 @@ from ..errors import UserError, UserFileNotFoundError, UserValueError
 from ..models import SpecVLMDraftModel
 from .config import OnlineDistillationConfig
 from .data import DistillationDataset
-from .streaming import StreamingDistillationDataset
 from .self_distill import regenerate_answers, regeneration_fingerprint
+from .streaming import StreamingDistillationDataset
 from .trainer import OnlineDistillationTrainer
 from .vocab import build_draft_vocab
 

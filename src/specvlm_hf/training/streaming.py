@@ -227,7 +227,8 @@ class StreamingDistillationDataset(IterableDataset):
         self._counted: set[str] = set()  # locations already counted
         self.records_read = 0
         paths = [data] if isinstance(data, (str, os.PathLike)) else None
-        if paths is None and isinstance(data, Sequence) and data and all(isinstance(p, (str, os.PathLike)) for p in data):
+        is_path = lambda item: isinstance(item, (str, os.PathLike))  # noqa: E731
+        if paths is None and isinstance(data, Sequence) and data and all(is_path(item) for item in data):
             paths = list(data)
         if paths is not None:
             paths = [os.fspath(path) for path in paths]

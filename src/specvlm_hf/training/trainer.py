@@ -13,14 +13,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, Trainer, TrainingArguments
+from transformers.cache_utils import DynamicCache
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import EvalLoopOutput
 
-from transformers.cache_utils import DynamicCache
-
 from ..errors import UserValueError
-from ..generation.visual_layout import image_grids, visual_token_ids
 from ..generation.route import is_specvlm_draft
+from ..generation.visual_layout import image_grids, visual_token_ids
 from ..hub import create_model_card
 from .config import OnlineDistillationConfig
 from .data import (
@@ -32,8 +31,6 @@ from .data import (
     to_model_inputs,
     tokenizer_of,
 )
-from .ttt import shift_left, ttt_attention_mask, ttt_loss_mask, ttt_step_weights
-from .streaming import StreamingDistillationDataset
 from .losses import (
     chain_acceptance_length,
     gate_entropy,
@@ -42,6 +39,8 @@ from .losses import (
     soft_cross_entropy,
     top1_agreement,
 )
+from .streaming import StreamingDistillationDataset
+from .ttt import shift_left, ttt_attention_mask, ttt_loss_mask, ttt_step_weights
 
 logger = logging.getLogger(__name__)
 
