@@ -248,6 +248,17 @@ def test_the_recipe_is_saved_in_the_draft_config(target, processor, image_dir, t
     assert loaded.config.to_dict()["training_recipe"] == draft.config.training_recipe
 
 
+def test_gradient_checkpointing_refuses_more_than_one_step(target, draft, processor, image_dir, tmp_path):
+    with pytest.raises(UserValueError, match="gradient checkpointing"):
+        OnlineDistillationTrainer(
+            model=draft,
+            teacher=target,
+            args=tiny_args(tmp_path, ttt_steps=2, gradient_checkpointing=True),
+            train_dataset=make_records(2, image_dir),
+            processing_class=processor,
+        )
+
+
 def test_a_compressor_refuses_more_than_one_step(target, processor, image_dir, tmp_path):
     draft = specvlm_hf.SpecVLMDraftModel.from_target(target, compressor_config=ElasticCompressorConfig(mode="select"))
     with pytest.raises(UserValueError, match="compressor"):

@@ -47,7 +47,7 @@ class OnlineDistillationConfig(TrainingArguments):
             node of depth `i` does (see `specvlm_hf.training.ttt`), and is trained against the target's data `i`
             positions further on. `1` is the EAGLE-1 recipe (one teacher-forced step; the loss is unchanged). EAGLE-3
             uses 7; each extra step costs about one more draft forward and backward. Not available with a visual
-            compressor.
+            compressor or with gradient checkpointing (it needs the draft's cache).
         ttt_decay (`float`, *optional*, defaults to `0.8`):
             Weight `ttt_decay ** i` of step `i`'s loss (EAGLE-3: 0.8); must lie in (0, 1]. Unused when `ttt_steps=1`.
         streaming (`bool`, *optional*, defaults to `False`):

@@ -189,6 +189,12 @@ class OnlineDistillationTrainer(Trainer):
                 "compressor: the compressed step 0 has fewer positions than the unrolled steps that follow it. Train "
                 "the compressor with ttt_steps=1, or train a draft without compressor with the training-time test."
             )
+        if args.ttt_steps > 1 and (args.gradient_checkpointing or getattr(model, "is_gradient_checkpointing", False)):
+            raise UserValueError(
+                f"ttt_steps={args.ttt_steps} (training-time test) keeps the earlier steps' keys in the draft's cache, "
+                "which gradient checkpointing switches off: drop gradient_checkpointing (a draft of one or a few "
+                "layers gains little from it) or train with ttt_steps=1."
+            )
         # provenance: every checkpoint of this run records how it was trained
         model.config.training_recipe = {
             "ttt_steps": args.ttt_steps,
