@@ -35,7 +35,6 @@ class RecordingTrainer(OnlineDistillationTrainer):
 def run(
     data: str, output_dir: str, batch_size: int, ttt_steps: int, streaming: bool = False
 ) -> OnlineDistillationTrainer:
-    torch.set_num_threads(1)
     target = build_tiny_target("llava", seed=0)
     processor = build_tiny_processor("llava")
     torch.manual_seed(7)
@@ -88,5 +87,6 @@ def run(
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(1)
     data_path, out, size, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     run(data_path, out, size, steps, streaming=sys.argv[5:] == ["streaming"])

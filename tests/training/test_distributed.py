@@ -3,8 +3,8 @@
 process with the combined batch, from in-memory data and from a stream; the teacher is placed and frozen on every
 rank; only rank 0 writes the draft.
 
-About 15-20 s per launch on 2 CPU cores (two processes start, each builds the tiny target), so it runs in the normal
-suite (about 45 s for the module).
+About 12-25 s per launch on 2 CPU cores (two processes start, each builds the tiny target), 30-50 s for the module,
+so it runs in the normal suite.
 """
 
 from __future__ import annotations
@@ -59,12 +59,10 @@ def data(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def single_process(data) -> dict[str, torch.Tensor]:
     """The draft after one update in one process with both records in one batch."""
+    from .distributed_worker import run
+
     out = data["root"] / "single"
-    result = subprocess.run(
-        [sys.executable, str(WORKER), str(data["clean"]), str(out), "2", "2"],
-        env=_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    run(str(data["clean"]), str(out), batch_size=2, ttt_steps=2)  # in this process: no second start-up
     return load_file(out / "model.safetensors")
 
 
