@@ -210,3 +210,25 @@ def test_cli_streaming_flag(tmp_path):
     assert trainer.state.global_step == 2
     assert trainer.model.config.training_recipe["ttt_steps"] == 2
     assert trainer.model.config.draft_vocab_size == 48
+
+
+def test_a_datasets_iterable_dataset_of_records_streams(target, draft, processor, image_dir, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    records = make_records(4, image_dir, seed=6)
+    records[1] = {"conversations": [{"from": "human", "value": "no answer"}], "images": []}
+
+    def generate():
+        yield from records
+
+    stream = datasets.IterableDataset.from_generator(generate)
+    dataset = StreamingDistillationDataset(stream, processor, shuffle_buffer_size=2, seed=1)
+    assert len(list(dataset)) == 3
+    assert dataset.skipped == {"no_assistant_turn": 1}
+    assert dataset.skip_examples["no_assistant_turn"].startswith("record ")
+    # the trainer streams a datasets.IterableDataset without being asked to
+    trainer = OnlineDistillationTrainer(
+        model=draft, teacher=target, args=tiny_args(tmp_path, max_steps=2), train_dataset=stream,
+        processing_class=processor,
+    )  # fmt: skip
+    assert isinstance(trainer.train_dataset, StreamingDistillationDataset)
+    assert trainer.train().global_step == 2
