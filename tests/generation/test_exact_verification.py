@@ -172,3 +172,30 @@ def test_bf16_batch_of_four_is_bitwise_plain_decoding_in_one_forward(family, wit
         spec = target.generate(**inputs, assistant_model=draft, **kwargs, **extra)
         assert spec.speculation.exact_verification and spec.speculation.batched_forwards > 0
         assert spec.sequences.tolist() == plain.sequences.tolist()
+
+
+@needs_exact_kernels
+def test_linear_shapes_probe_routes_a_batch_row_by_row_where_it_fails(monkeypatch):
+    """Where the target's GEMMs are row-invariant for one row's block but not for the batched forward's row count, the
+    rows are verified one after another, still exactly; where they fail even for one block, exact verification is
+    off (the fast path, with the warning)."""
+    from specvlm_hf.generation import loop
+    from specvlm_hf.generation.exact_attention import ExactnessProbe, probe_linear_shapes
+
+    assert probe_linear_shapes("cpu", torch.bfloat16, [(64, 64)], 8) is probe_linear_shapes("cpu", torch.bfloat16,
+                                                                                          [(64, 64)], 8)
+    target = build_tiny_target("llava").to(torch.bfloat16)
+    torch.manual_seed(1)
+    draft = SpecVLMDraftModel.from_target(target).to(torch.bfloat16)
+    inputs = make_inputs("llava", target, with_image=True, batch_size=2, prompt_len=12)
+    kwargs = dict(max_new_tokens=20, do_sample=False, return_dict_in_generate=True)
+    plain = target.generate(**inputs, **kwargs)
+    block = draft.config.tree_total_tokens + draft.config.tree_ngram_tokens + 1  # rows of one block
+    for limit, exact, batched in ((block, True, False), (2, False, True)):
+        monkeypatch.setattr(loop, "probe_linear_shapes", lambda device, dtype, shapes, rows, limit=limit:
+                            ExactnessProbe(rows <= limit, "" if rows <= limit else "not row-invariant"))
+        spec = target.generate(**inputs, assistant_model=draft, **kwargs)
+        assert spec.speculation.exact_verification == exact
+        assert (spec.speculation.batched_forwards > 0) == batched
+        if exact:
+            assert spec.sequences.tolist() == plain.sequences.tolist()

@@ -451,16 +451,27 @@ def tree_assisted_decoding(
     if target.config.is_encoder_decoder:
         raise ValueError("SpecVLM drafts support decoder-only targets (VLMs and causal LMs).")
     _validate(target, draft, generation_config, model_kwargs)
-    exact = _use_exact_verification(target, generation_config)
+    # the most query rows one verification forward holds at batch size 1 (root + draft nodes + n-gram branch)
+    block_rows = _tree_knobs(draft, generation_config).total_tokens + _ngram_knobs(draft, generation_config)[0] + 1
+    exact = _use_exact_verification(target, generation_config, block_rows)
     with exact_attention_selected(target, enabled=exact) as exact:
         return _decode(target, draft, input_ids, logits_processor, stopping_criteria, generation_config, streamer,
                        exact, model_kwargs)
 
 
-def _use_exact_verification(target: "PreTrainedModel", generation_config: "GenerationConfig") -> bool:
+def _linear_shapes(target: "PreTrainedModel") -> list[tuple[int, int]]:
+    """`(in_features, out_features)` of the target's decoder linear layers (the LM head excluded)."""
+    head = target.get_output_embeddings()
+    return sorted({(m.in_features, m.out_features) for m in target.get_decoder().modules()
+                   if isinstance(m, torch.nn.Linear) and m is not head})
+
+
+def _use_exact_verification(target: "PreTrainedModel", generation_config: "GenerationConfig", block_rows: int = 65
+                            ) -> bool:
     """
     Whether verification runs the exact row-wise attention (`exact_attention.py`): `exact_verification=True/False`
-    per call, else automatically on CPUs where the target runs SDPA in bf16/fp16 and the kernels pass the probe.
+    per call, else automatically on CPUs where the target runs SDPA in bf16/fp16, the kernels pass the probe and the
+    target's own linear layers are row-invariant for every row count up to `block_rows` (`probe_linear_shapes`).
     """
     requested = getattr(generation_config, "exact_verification", None)
     text_config = target.config.get_text_config()
@@ -481,6 +492,8 @@ def _use_exact_verification(target: "PreTrainedModel", generation_config: "Gener
             )
         return False
     probe = probe_exact_verification(device, dtype, hidden_size=text_config.hidden_size)
+    if probe.exact and dtype in (torch.bfloat16, torch.float16):
+        probe = probe_linear_shapes(device, dtype, _linear_shapes(target), block_rows)
     if requested and not probe.exact:
         logger.warning_once(f"exact_verification=True on a machine whose kernels fail the probe ({probe.reason}): "
                             "verification runs row by row but may still round differently from plain decoding.")
@@ -647,10 +660,8 @@ def _batched_route(target, cache, exact: bool, generation_config: "GenerationCon
     if getattr(generation_config, "tree_batched", None) is False or not batched_layout_supported(cache):
         return False
     if exact:
-        head = target.get_output_embeddings()
-        shapes = [(m.in_features, m.out_features) for m in target.get_decoder().modules()
-                  if isinstance(m, torch.nn.Linear) and m is not head]
-        probe = probe_linear_shapes(head.weight.device, head.weight.dtype, shapes, max_rows)
+        weight = target.get_output_embeddings().weight
+        probe = probe_linear_shapes(weight.device, weight.dtype, _linear_shapes(target), max_rows)
         if not probe.exact:
             logger.warning_once(f"exact verification verifies batch rows one after another here ({probe.reason}, "
                                 f"a batched verification forward holds up to {max_rows} rows).")
