@@ -20,7 +20,7 @@ from transformers.trainer_utils import EvalLoopOutput
 from ..errors import UserValueError
 from ..generation.route import is_specvlm_draft
 from ..generation.visual_layout import image_grids, visual_token_ids
-from ..hub import create_model_card
+from ..hub import CARD_TAGS, create_model_card
 from .config import OnlineDistillationConfig
 from .data import (
     FAILED_RECORDS_KEY,
@@ -151,7 +151,7 @@ class OnlineDistillationTrainer(Trainer):
     ```
     """
 
-    _tag_names = ["specvlm-hf", "speculative-decoding", "eagle", "vision-language"]
+    _tag_names = CARD_TAGS["draft"]  # the one place card tags are defined (hub.py)
     # compute_loss returns token-sum / num_items_in_batch, already scaled for gradient accumulation
     loss_is_scaled_for_ga = True
 
