@@ -28,15 +28,17 @@ shared tensor to its last `window - 1` columns would cut keys that a shorter row
 Exact verification (bf16/fp16, `exact_attention.py`) runs here too: its plan is built per row from the row's mask with
 the unused columns cut out (the mask the row has at batch size 1), and each row's node paths are written right after
 its valid columns (over its unused ones) and its block restored, so every row attends exactly what plain decoding
-holds. It needs the target's linear layers to be row-invariant up to the batched forward's row count, which
-`exact_attention.probe_linear_shapes` checks for every row count (on an AMX CPU a 64 -> 37 bf16 GEMM stops being
-row-invariant at 89 rows); where it fails the rows are verified one after another.
+holds. Bitwise equality also needs the target's linear layers to be row-invariant up to the batched forward's row
+count (`exact_attention.probe_linear_shapes` checks every row count; on the 2-core AVX512-BF16 CPU used here a
+64 -> 37 bf16 GEMM stops being row-invariant at 89 rows): where they are for one row's block but not for the batch,
+the rows are verified one after another (`loop._batched_route`).
 
 What runs where (routed explicitly by `loop.py`, never silently): batch size 1, caches whose sliding-window layers
-were trimmed by an earlier call, exact verification where the row-count probe fails and `tree_batched=False` go
-through the per-row loop; everything else at batch > 1 through this one. Greedy rows equal their batch-1 result
-(bitwise with exact verification; fp32 up to the floating-point reordering of a multi-row forward, the same caveat as
-verification at batch 1, see the README); sampled rows are distribution-exact.
+were trimmed by an earlier call, exact verification where only the batch's row count fails that probe, and
+`tree_batched=False` go through the per-row loop; everything else at batch > 1 through this one. Greedy rows equal
+their batch-1 result (bitwise with exact verification where the linear layers pass the probe; fp32 up to the
+floating-point reordering of a multi-row forward, the same caveat as verification at batch 1, see the README);
+sampled rows are distribution-exact.
 """
 
 from __future__ import annotations

@@ -470,8 +470,9 @@ def _use_exact_verification(target: "PreTrainedModel", generation_config: "Gener
                             ) -> bool:
     """
     Whether verification runs the exact row-wise attention (`exact_attention.py`): `exact_verification=True/False`
-    per call, else automatically on CPUs where the target runs SDPA in bf16/fp16, the kernels pass the probe and the
-    target's own linear layers are row-invariant for every row count up to `block_rows` (`probe_linear_shapes`).
+    per call, else automatically on CPUs where the target runs SDPA in bf16/fp16 and the kernels pass the probe. When
+    the target's own linear layers are not row-invariant for every row count up to `block_rows`
+    (`probe_linear_shapes`), verification is not bitwise plain decoding's even so, which is said once.
     """
     requested = getattr(generation_config, "exact_verification", None)
     text_config = target.config.get_text_config()
@@ -493,7 +494,14 @@ def _use_exact_verification(target: "PreTrainedModel", generation_config: "Gener
         return False
     probe = probe_exact_verification(device, dtype, hidden_size=text_config.hidden_size)
     if probe.exact and dtype in (torch.bfloat16, torch.float16):
-        probe = probe_linear_shapes(device, dtype, _linear_shapes(target), block_rows)
+        linear = probe_linear_shapes(device, dtype, _linear_shapes(target), block_rows)
+        if not linear.exact:
+            # the exact attention still removes the main source of differences (multi-token SDPA), so it stays on
+            logger.warning_once(
+                f"exact verification: {linear.reason} on this machine, so a {dtype} verification forward can still "
+                "round some rows differently from one-token decoding; greedy output can differ from plain generate "
+                "at (rare) near-tie tokens. float32 avoids it. See the README's 'Lossless' section."
+            )
     if requested and not probe.exact:
         logger.warning_once(f"exact_verification=True on a machine whose kernels fail the probe ({probe.reason}): "
                             "verification runs row by row but may still round differently from plain decoding.")
@@ -577,8 +585,9 @@ def _decode(target, draft, input_ids, logits_processor, stopping_criteria, gener
 
     stats = SpeculationStats(exact_verification=exact, target_seconds=prefill_seconds,
                              target_prefill_seconds=prefill_seconds)
-    batched = batch_size > 1 and _batched_route(target, cache, exact, generation_config,
-                                                batch_size * (knobs.total_tokens + ngram[0] + 1))
+    block_rows = knobs.total_tokens + ngram[0] + 1
+    batched = batch_size > 1 and _batched_route(target, cache, exact, generation_config, batch_size * block_rows,
+                                                block_rows)
     windows: dict[str, int] = {}
     if batched:
         windows = {layer_types[i] if layer_types else "full_attention": layer.sliding_window
@@ -650,21 +659,25 @@ def _decode(target, draft, input_ids, logits_processor, stopping_criteria, gener
     )
 
 
-def _batched_route(target, cache, exact: bool, generation_config: "GenerationConfig", max_rows: int) -> bool:
+def _batched_route(target, cache, exact: bool, generation_config: "GenerationConfig", max_rows: int,
+                   block_rows: int) -> bool:
     """
     Whether a batch > 1 is verified in one forward per cycle (`batched.py`) rather than row after row. The per-row loop
     stays for: a cache whose sliding-window layers an earlier call already trimmed (rows would not share columns),
-    exact verification on a machine whose GEMMs are row-invariant only up to fewer rows than a batched forward holds
-    (`max_rows`, probed), and `tree_batched=False` per call (a diagnostic).
+    exact verification where the target's linear layers are row-invariant up to one row's block (`block_rows`) but
+    not up to the batched forward's `max_rows` (batching would cost the bitwise equality; where they fail already for
+    one block, neither path is bitwise and the batch is verified at once), and `tree_batched=False` per call.
     """
     if getattr(generation_config, "tree_batched", None) is False or not batched_layout_supported(cache):
         return False
     if exact:
         weight = target.get_output_embeddings().weight
-        probe = probe_linear_shapes(weight.device, weight.dtype, _linear_shapes(target), max_rows)
-        if not probe.exact:
-            logger.warning_once(f"exact verification verifies batch rows one after another here ({probe.reason}, "
-                                f"a batched verification forward holds up to {max_rows} rows).")
+        shapes = _linear_shapes(target)
+        if (probe_linear_shapes(weight.device, weight.dtype, shapes, block_rows).exact
+                and not probe_linear_shapes(weight.device, weight.dtype, shapes, max_rows).exact):
+            logger.warning_once("exact verification verifies batch rows one after another here: the target's linear "
+                                f"layers are row-invariant for one row's block but not for the {max_rows} rows of a "
+                                "batched verification forward.")
             return False
     return True
 
