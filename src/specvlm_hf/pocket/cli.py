@@ -138,6 +138,16 @@ def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
     corpus.add_argument("--export", action="store_true", help="also write the gzipped copy committed in assets/")
     corpus.add_argument("--num-threads", type=int, default=0, help="torch threads (0: torch default)")
 
+    report = commands.add_parser(
+        "draft-report", help="acceptance by epoch of draft training runs: a table and a plot"
+    )
+    report.add_argument(
+        "--run", nargs="+", required=True, metavar="LABEL=PATH",
+        help="a run's bench_acceptance.jsonl (train-draft work folder) or draft_provenance.json, with a label",
+    )
+    report.add_argument("--out", type=Path, required=True, help="folder for acceptance.md and acceptance.png")
+    report.add_argument("--title", default="", help="plot title")
+
     ablation = commands.add_parser(
         "train-compressors", help="fine-tune compressor variants of the shipped draft for the #4 ablation"
     )
@@ -245,6 +255,18 @@ def main(argv: list[str] | None = None) -> int:
             num_threads=args.num_threads or None, export=args.export,
         )
         print(json.dumps(stats, indent=2))
+        return 0
+    if args.pocket_command == "draft-report":
+        from .draft_report import write_report
+
+        runs = {}
+        for spec in args.run:
+            label, separator, path = spec.partition("=")
+            if not separator or not label or not path:
+                raise UserValueError(f"--run takes LABEL=PATH, got {spec!r}")
+            runs[label] = Path(path)
+        for path in write_report(runs, args.out, args.title):
+            print(path)
         return 0
     if args.pocket_command == "train-compressors":
         from .compressor_ablation import train_variants

@@ -30,6 +30,7 @@ COMMAND_EXTRAS: dict[str, tuple[tuple[str, str], ...]] = {
     ),
     "build-corpus": (("gguf", "pocket"), ("skimage", "pocket-train"), ("sklearn", "pocket-train")),
     "train-compressors": (("gguf", "pocket"),),
+    "draft-report": (("matplotlib", "pocket-train"),),
     "info": (),
 }
 #: The weight packages: import name -> pinned `pip` requirement.
