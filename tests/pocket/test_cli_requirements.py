@@ -88,8 +88,10 @@ def test_bad_pocket_flags_are_one_line_user_errors(capsys):
         pocket_cli.main(["train-draft", "--epochs", "many"])
     with pytest.raises(UserValueError, match="invalid int value"):
         pocket_cli.main(["build-corpus", "--batch-size", "many"])
-    with pytest.raises(UserValueError, match="--batch-size must be positive"):
+    with pytest.raises(UserValueError, match="argument --batch-size: must be positive, got 0"):
         pocket_cli.main(["build-corpus", "--batch-size", "0"])
+    with pytest.raises(UserValueError, match="argument --ttt-steps: must be positive"):
+        pocket_cli.main(["train-draft", "--ttt-steps", "0"])
     assert specvlm_hf.cli.main(["pocket", "build", "--dtype", "int3"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "invalid choice: 'int3'" in line

@@ -98,3 +98,35 @@ def test_read_and_export_answers(tmp_path, monkeypatch):
     assert meta["records"] == 3 and meta["answer_tokens"] == 33
     with gzip.open(target, "rt", encoding="utf-8") as handle:
         assert len(handle.read().splitlines()) == 3
+
+
+def test_a_fresh_machine_resumes_the_committed_answers_only_for_the_same_input(tmp_path, monkeypatch):
+    committed = tmp_path / "assets" / "answers.jsonl.gz"
+    monkeypatch.setattr(corpus, "COMMITTED_ANSWERS", committed)
+    fingerprint = {"key": "k1", "data": {"records": 3}, "target": {"dtype": "bfloat16"}, "settings": {}}
+    output = tmp_path / "work" / "answers.jsonl"
+    output.parent.mkdir()
+    assert corpus._resume_from_committed(output, fingerprint) == 0  # nothing committed
+    answers = tmp_path / "made" / "answers.jsonl"
+    answers.parent.mkdir()
+    rows = [{"id": str(i), "images": [], "answer_tokens": 4, "conversations": []} for i in range(3)]
+    answers.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    answers.with_name("answers.meta.json").write_text(json.dumps(fingerprint))
+    corpus.export_corpus(answers, CorpusRecipe(), {}, {})
+    other = {**fingerprint, "key": "k2", "target": {"dtype": "float32"}}
+    assert corpus._resume_from_committed(output, other) == 0 and not output.exists()  # another input: never mixed
+    assert corpus._resume_from_committed(output, fingerprint) == 3
+    assert read_answers(output) == rows
+    assert json.loads(output.with_name("answers.meta.json").read_text())["key"] == "k1"
+    output.write_text("")
+    assert corpus._resume_from_committed(output, fingerprint) == 0  # a local output always wins
+
+
+def test_progress_is_kept_across_resumed_calls(tmp_path):
+    output = tmp_path / "answers.jsonl"
+    first = {"started": "t1", "batch_size": 64}
+    corpus._record_progress(output, first, {"written": 10, "answer_tokens": 1000}, 5.0)
+    corpus._record_progress(output, first, {"written": 20, "answer_tokens": 2000}, 10.0)  # same call: updated
+    corpus._record_progress(output, {"started": "t2"}, {"written": 4, "answer_tokens": 100}, 2.0)
+    calls = json.loads(corpus.progress_path(output).read_text())
+    assert [c["written"] for c in calls] == [20, 4] and calls[0]["records_per_second"] == 2.0

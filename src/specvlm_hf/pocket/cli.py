@@ -39,6 +39,22 @@ class _Parser(argparse.ArgumentParser):
         raise UserValueError(f"{message} (see `{self.prog} --help`)")
 
 
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {'positive' if minimum == 1 else '0 or more'}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int, _count = _int_at_least(1), _int_at_least(0)
+
+
 def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Builds (or fills, when given, e.g. a sub-parser of `specvlm`) the `pocket` argument parser."""
     from .compressor_ablation import VARIANTS
@@ -90,12 +106,12 @@ def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
     )
     draft.add_argument("--epochs", type=float, default=recipe.epochs)
     draft.add_argument("--learning-rate", type=float, default=recipe.learning_rate)
-    draft.add_argument("--batch-size", type=int, default=recipe.batch_size)
+    draft.add_argument("--batch-size", type=_positive_int, default=recipe.batch_size)
     draft.add_argument("--draft-vocab-size", type=int, default=recipe.draft_vocab_size)
     draft.add_argument(
         "--train-records", type=int, default=None, help="train on the first N corpus records (default: all)"
     )
-    draft.add_argument("--ttt-steps", type=int, default=recipe.ttt_steps, help="training-time test steps (1: EAGLE-1)")
+    draft.add_argument("--ttt-steps", type=_positive_int, default=recipe.ttt_steps, help="training-time test steps (1: EAGLE-1)")
     draft.add_argument("--ttt-decay", type=float, default=recipe.ttt_decay, help="loss weight decay per TTT step")
     draft.add_argument(
         "--target-layer-ids", type=int, nargs="+", default=None,
@@ -124,18 +140,22 @@ def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
         help="the draft's training corpus at scale: >10,000 prompts (disjoint from the benchmark) answered by the "
         "pocket VLM in large batches (resumable)",
     )
-    corpus.add_argument("--image-records", type=int, default=corpus_recipe.image_records)
-    corpus.add_argument("--multi-image-records", type=int, default=corpus_recipe.multi_image_records)
-    corpus.add_argument("--text-records", type=int, default=corpus_recipe.text_records)
+    corpus.add_argument("--image-records", type=_count, default=corpus_recipe.image_records)
+    corpus.add_argument("--multi-image-records", type=_count, default=corpus_recipe.multi_image_records)
+    corpus.add_argument("--text-records", type=_count, default=corpus_recipe.text_records)
     corpus.add_argument("--long-answer-fraction", type=float, default=corpus_recipe.long_answer_fraction)
-    corpus.add_argument("--max-new-tokens", type=int, default=corpus_recipe.max_new_tokens)
-    corpus.add_argument("--long-max-new-tokens", type=int, default=corpus_recipe.long_max_new_tokens)
+    corpus.add_argument("--max-new-tokens", type=_positive_int, default=corpus_recipe.max_new_tokens)
+    corpus.add_argument("--long-max-new-tokens", type=_positive_int, default=corpus_recipe.long_max_new_tokens)
     corpus.add_argument("--seed", type=int, default=corpus_recipe.seed)
-    corpus.add_argument("--batch-size", type=int, default=64, help="rows per generate call (left-padded)")
+    corpus.add_argument("--batch-size", type=_positive_int, default=64, help="rows per generate call (left-padded)")
     corpus.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="generation dtype (auto: policy)")
-    corpus.add_argument("--limit", type=int, default=None, help="answer only the first N prompts (a balanced prefix)")
+    corpus.add_argument("--limit", type=_positive_int, default=None, help="answer only the first N prompts (a balanced prefix)")
     corpus.add_argument("--work-dir", type=Path, default=None, help="default: cache/pocket-draft/corpus")
     corpus.add_argument("--export", action="store_true", help="also write the gzipped copy committed in assets/")
+    corpus.add_argument(
+        "--export-only", action="store_true",
+        help="write the gzipped copy of what the work dir holds now (e.g. of an interrupted run), generate nothing",
+    )
     corpus.add_argument("--num-threads", type=int, default=0, help="torch threads (0: torch default)")
 
     report = commands.add_parser(
@@ -214,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.pocket_command == "train-draft":
         from .train_draft import DRAFT_DIR, PocketDraftRecipe, train_pocket_draft
 
-        if args.epochs <= 0 or args.batch_size <= 0 or args.ttt_steps < 1:
-            raise UserValueError("--epochs and --batch-size must be positive and --ttt-steps at least 1")
+        if args.epochs <= 0:
+            raise UserValueError(f"--epochs must be positive, got {args.epochs}")
         recipe = PocketDraftRecipe(
             epochs=args.epochs,
             learning_rate=args.learning_rate,
@@ -238,9 +258,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.pocket_command == "build-corpus":
         from .corpus import CorpusRecipe, make_corpus
 
-        for flag in ("batch_size", "image_records", "multi_image_records", "text_records", "max_new_tokens"):
-            if getattr(args, flag) < 0 or (flag == "batch_size" and args.batch_size == 0):
-                raise UserValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
         recipe = CorpusRecipe(
             seed=args.seed,
             image_records=args.image_records,
@@ -250,6 +267,15 @@ def main(argv: list[str] | None = None) -> int:
             max_new_tokens=args.max_new_tokens,
             long_max_new_tokens=args.long_max_new_tokens,
         )
+        if args.export_only:
+            from .build import package_versions
+            from .corpus import default_corpus_dir, export_corpus
+
+            answers = (args.work_dir or default_corpus_dir()) / "answers.jsonl"
+            if not answers.is_file():
+                raise UserValueError(f"nothing to export: no {answers} (run build-corpus first)")
+            print(export_corpus(answers, recipe, {"exported_from": str(answers)}, package_versions()))
+            return 0
         stats = make_corpus(
             recipe, args.work_dir, dtype=args.dtype, batch_size=args.batch_size, limit=args.limit,
             num_threads=args.num_threads or None, export=args.export,

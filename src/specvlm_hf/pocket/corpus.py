@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 #: The committed self-distilled corpus (gzipped JSONL; images are recreated from their names).
 COMMITTED_ANSWERS = Path(__file__).resolve().parent.parent / "assets" / "pocket" / "draft_data" / "answers.jsonl.gz"
+COMMITTED_META = "answers.meta.json"  # the committed answers' fingerprint (resuming them needs the same key)
 _IMAGE_NAME = re.compile(r"^c(\d+)_(\d{7})\.png$")
 
 IMAGE_INSTRUCTIONS = (
@@ -359,6 +360,50 @@ def _messages(record: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"role": "user", "content": content}]
 
 
+def corpus_fingerprint(
+    target: torch.nn.Module, processor: Any, records: Sequence[dict[str, Any]], batch_size: int, chunk_size: int,
+    recipe: CorpusRecipe | None = None,
+) -> dict[str, Any]:
+    """What determines the corpus answers: the prompt records, the target (weights, dtype) and the batching."""
+    from ..training.self_distill import regeneration_fingerprint
+
+    settings: dict[str, Any] = {"batch_size": batch_size, "chunk_size": chunk_size, "greedy": True}
+    if recipe is not None:
+        settings["recipe"] = asdict(recipe)
+    return regeneration_fingerprint(
+        target, processor, list(records), max_new_tokens=max(int(r["max_new_tokens"]) for r in records),
+        generation_kwargs=settings,
+    )
+
+
+def _resume_from_committed(output: Path, fingerprint: dict[str, Any]) -> int:
+    """
+    Starts `output` from the committed answers when there is no local output yet and the committed corpus was made
+    by the same input (same fingerprint key); returns how many records it brought. Another key: nothing is copied
+    and the reason is logged (records of another input are never mixed in).
+    """
+    from ..training.self_distill import _write_meta
+
+    meta = COMMITTED_ANSWERS.parent / COMMITTED_META
+    if output.exists() or not COMMITTED_ANSWERS.is_file() or not meta.is_file():
+        return 0
+    stored = json.loads(meta.read_text())
+    if stored.get("key") != fingerprint["key"]:
+        differs = [part for part in ("data", "target", "settings") if stored.get(part) != fingerprint.get(part)]
+        logger.warning(
+            "the committed corpus was generated with other %s (key %s, now %s): generating from scratch",
+            "/".join(differs) or "settings", stored.get("key"), fingerprint["key"],
+        )
+        return 0
+    rows = read_answers(COMMITTED_ANSWERS)
+    with open(output, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    _write_meta(str(output), fingerprint)
+    logger.info("resuming the committed corpus: %d records already answered", len(rows))
+    return len(rows)
+
+
 @torch.no_grad()
 def self_distill_corpus(
     target: torch.nn.Module,
@@ -369,6 +414,7 @@ def self_distill_corpus(
     batch_size: int = 64,
     chunk_size: int = 1024,
     recipe: CorpusRecipe | None = None,
+    fingerprint: dict[str, Any] | None = None,
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """
@@ -379,23 +425,19 @@ def self_distill_corpus(
     `max_new_tokens` (so a prefix of the output is a balanced subset). The output is keyed to its input: the
     fingerprint of the records, the target and the settings is stored in `<stem>.meta.json`, and resuming into the
     output of another input raises instead of mixing records. Interrupted runs resume (records already written are
-    skipped; a torn last line is dropped). The progress bar shows records/s and answer tokens/s.
+    skipped; a torn last line is dropped). The progress bar shows records/s and answer tokens/s. `fingerprint`
+    defaults to [`corpus_fingerprint`] of `records` (pass the whole corpus's to answer only part of it).
 
     Returns:
         `dict`: `written`, `already_done`, `empty` (skipped empty answers), `answer_tokens`, `seconds`,
         `records_per_second`, `tokens_per_second` of this call.
     """
-    from ..training.self_distill import _check_resumable, _completed_keys, _write_meta, regeneration_fingerprint
+    from ..training.self_distill import _check_resumable, _completed_keys, _write_meta
 
     output_path = Path(output_path)
     root = output_path.parent
-    settings = {"batch_size": batch_size, "chunk_size": chunk_size, "greedy": True}
-    if recipe is not None:
-        settings["recipe"] = asdict(recipe)
-    fingerprint = regeneration_fingerprint(
-        target, processor, list(records), max_new_tokens=max(int(r["max_new_tokens"]) for r in records),
-        generation_kwargs=settings,
-    )
+    if fingerprint is None:
+        fingerprint = corpus_fingerprint(target, processor, records, batch_size, chunk_size, recipe)
     _check_resumable(str(output_path), fingerprint)
     done = _completed_keys(str(output_path))
     _write_meta(str(output_path), fingerprint)
@@ -405,6 +447,8 @@ def self_distill_corpus(
     parameter = next(target.parameters())
     stats = {"written": 0, "already_done": len(records) - len(pending), "empty": 0, "answer_tokens": 0}
     started = time.perf_counter()
+    call = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "batch_size": batch_size,
+            "dtype": str(parameter.dtype).removeprefix("torch."), "torch_threads": torch.get_num_threads()}
     bar = tqdm(total=len(pending), desc="Self-distilling the corpus", unit="rec", disable=not show_progress)
     with open(output_path, "a", encoding="utf-8") as handle:
         for begin in range(0, len(pending), chunk_size):
@@ -427,6 +471,7 @@ def self_distill_corpus(
                     handle.flush()
                     bar.update(len(batch))
                     elapsed = time.perf_counter() - started
+                    _record_progress(output_path, call, stats, elapsed)
                     bar.set_postfix(rec_s=f"{stats['written'] / elapsed:.2f}", tok_s=f"{stats['answer_tokens'] / elapsed:.0f}")
     bar.close()
     seconds = time.perf_counter() - started
@@ -438,6 +483,23 @@ def self_distill_corpus(
     if stats["empty"]:
         logger.warning("Self-distillation: %d empty answers skipped.", stats["empty"])
     return stats
+
+
+def progress_path(output_path: str | Path) -> Path:
+    """`<stem>.progress.json`: every generation call's measured records/s and tokens/s (kept across resumes)."""
+    output_path = Path(output_path)
+    return output_path.with_name(output_path.stem + ".progress.json")
+
+
+def _record_progress(output_path: Path, call: dict[str, Any], stats: dict[str, Any], elapsed: float) -> None:
+    path = progress_path(output_path)
+    calls = json.loads(path.read_text()) if path.is_file() else []
+    entry = {**call, "seconds": round(elapsed, 1), "written": stats["written"], "answer_tokens": stats["answer_tokens"],
+             "records_per_second": stats["written"] / elapsed, "tokens_per_second": stats["answer_tokens"] / elapsed}
+    calls = [c for c in calls if c.get("started") != call["started"]] + [entry]
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(calls, indent=1) + "\n")
+    temporary.replace(path)
 
 
 def _answer_batch(target, processor, tokenizer, parameter, root: Path, batch, max_new_tokens: int):
@@ -511,17 +573,19 @@ def make_corpus(
     if num_threads:
         torch.set_num_threads(num_threads)
     choice = choose_dtype(dtype)
-    records = build_corpus(recipe, fetch_imagenet_class_names(default_data_dir()))
-    if limit is not None:
-        records = records[:limit]
+    corpus = build_corpus(recipe, fetch_imagenet_class_names(default_data_dir()))
+    records = corpus[:limit] if limit is not None else corpus
     materialize_images(records, work_dir / "images", jitter_probability=recipe.jitter_probability,
                        show_progress=show_progress)
     checked = check_corpus_disjoint(records, work_dir / "images")
     logger.info("corpus disjoint from the benchmark: %s", checked)
     target, processor = load_pocket_vlm(dtype=choice.dtype)
     output = work_dir / "answers.jsonl"
+    fingerprint = corpus_fingerprint(target, processor, corpus, batch_size, 1024, recipe)
+    _resume_from_committed(output, fingerprint)
     stats = self_distill_corpus(
-        target, processor, records, output, batch_size=batch_size, recipe=recipe, show_progress=show_progress
+        target, processor, records, output, batch_size=batch_size, recipe=recipe, fingerprint=fingerprint,
+        show_progress=show_progress,
     )
     answered = read_answers(output)
     stats.update(
@@ -546,11 +610,19 @@ def export_corpus(answers: str | Path, recipe: CorpusRecipe, stats: dict[str, An
         for row in rows:  # mtime=0: the same answers give the same bytes
             packed.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
     temporary.replace(COMMITTED_ANSWERS)
+    from ..training.self_distill import regeneration_meta_path
+
+    fingerprint = Path(regeneration_meta_path(answers))
+    if fingerprint.is_file():  # lets another machine resume the committed answers (same input only)
+        (COMMITTED_ANSWERS.parent / COMMITTED_META).write_text(fingerprint.read_text())
+    progress = progress_path(answers)
     meta = {
         "recipe": asdict(recipe),
         "records": len(rows),
+        "of_records": recipe.total_records,
         "answer_tokens": sum(int(row.get("answer_tokens", 0)) for row in rows),
         "generation": stats,
+        "generation_calls": json.loads(progress.read_text()) if progress.is_file() else [],
         "package_versions": versions,
         "date": time.strftime("%Y-%m-%d"),
     }
