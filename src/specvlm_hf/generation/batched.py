@@ -51,9 +51,10 @@ from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengt
 
 from .acceptance import walk_tree
 from .cache_utils import compact_rows, keep_rows
-from .exact_attention import PLAN_KWARG, RowwisePlan
+from .exact_attention import RowwisePlan
 from .ngram import merge_branch, ngram_candidate
 from .tree import DraftTree, children_table
+from .verification import verify_forward
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import StoppingCriteriaList
@@ -318,22 +319,11 @@ class BatchedTreeDecoder:
             if self.mrope_axes:
                 positions = positions[None].expand(self.mrope_axes, -1, -1)
             span = self.cache.get_seq_length()
-            exact_kwargs = {PLAN_KWARG: self._exact_plan(mask, span, width)} if self.exact else {}
-            verify_started = time.perf_counter()
-            out = self.target(
-                input_ids=tokens,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=self.cache,
-                use_cache=True,
-                output_hidden_states=self.verify_layer_ids,
-                logits_to_keep=self.root_only if self.head_mode != "model" else 0,
-                return_dict=True,
-                **exact_kwargs,
+            out, verify_seconds = verify_forward(
+                self.target, tokens, mask, positions, self.cache, self.verify_layer_ids,
+                self.root_only if self.head_mode != "model" else 0,
+                plan=self._exact_plan(mask, span, width) if self.exact else None,
             )
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            verify_seconds = time.perf_counter() - verify_started
             self.verify_forwards += 1
 
             # ---- acceptance: per row (path, emitted, stopped)

@@ -27,14 +27,10 @@ from typing import TYPE_CHECKING
 from ..models.compressor_metrics import choice_histogram
 from .drafters import DrafterStats
 from .tree import DraftTree, select_nodes
+from .verification import synchronize
 
 if TYPE_CHECKING:  # pragma: no cover
     from .adaptive import AdaptiveTreeSizer
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @dataclass(frozen=True)
@@ -114,7 +110,7 @@ class EagleTreeDrafter:
                 draft never saw (a reused or pre-filled cache).
         """
         inputs_embeds, features = inputs_embeds.to(self.device), features.to(self.device)
-        _synchronize(self.device)
+        synchronize(self.device)
         started = time.perf_counter()
         length = inputs_embeds.shape[1]
         call = {
@@ -139,7 +135,7 @@ class EagleTreeDrafter:
                 compressor.train(training)
             self.stats.compressor_choices = choice_histogram(out.compressor_output.choice, compressor.config)
         self.stats.forwards += 1
-        _synchronize(self.device)
+        synchronize(self.device)
         self.stats.prefill_seconds = time.perf_counter() - started
         self.stats.seconds += self.stats.prefill_seconds
         self.stats.prefill_tokens = self.cache.get_seq_length()
@@ -167,7 +163,7 @@ class EagleTreeDrafter:
             use_cache=True,
         )
         self.stats.forwards += 1
-        _synchronize(self.device)
+        synchronize(self.device)
         self.stats.seconds += time.perf_counter() - started
         self.next_position += k
         self.last_hidden = out.last_hidden_state[:, -1]
@@ -230,7 +226,7 @@ class EagleTreeDrafter:
             )
             hidden = out.last_hidden_state[0]  # (n_front, H)
             child_logp = self._logprobs(hidden)  # (n_front, V')
-            _synchronize(device)
+            synchronize(device)
             step_seconds += time.perf_counter() - started
             self.stats.forwards += 1
             kc = min(top_k, child_logp.shape[-1])
@@ -363,7 +359,7 @@ class BatchedEagleTreeDrafter:
         compact_rows(self.cache, self.lengths[:, None] + index, width + index, int((self.lengths + counts).max()))
         self.lengths = self.lengths + counts
         self.next_position = self.next_position + counts
-        _synchronize(self.device)
+        synchronize(self.device)
         self.stats.seconds += time.perf_counter() - started
 
     @torch.no_grad()
@@ -374,7 +370,6 @@ class BatchedEagleTreeDrafter:
         depth = max(depths)
         b = self.last_hidden.shape[0]
         device, neg = self.device, torch.finfo(self.dtype).min
-        width = self.cache.get_seq_length()
         rows = torch.arange(b, device=device)[:, None]
 
         started = time.perf_counter()
@@ -422,7 +417,7 @@ class BatchedEagleTreeDrafter:
             )
             hidden = out.last_hidden_state  # (b, n_front, H)
             child_logp = self._logprobs(hidden)  # (b, n_front, V')
-            _synchronize(device)
+            synchronize(device)
             step_seconds += time.perf_counter() - started
             self.stats.forwards += 1
             kc = min(top_k, child_logp.shape[-1])

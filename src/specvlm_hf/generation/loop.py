@@ -48,7 +48,6 @@ from .adaptive import AdaptiveTreeSizer
 from .drafters import DrafterContext, EagleDrafterFactory
 from .ngram import merge_branch, ngram_candidate
 from .exact_attention import (
-    PLAN_KWARG,
     RowwisePlan,
     exact_attention_selected,
     probe_exact_verification,
@@ -57,6 +56,7 @@ from .exact_attention import (
 from .route import GENERATE_KNOBS
 from .stats import SpeculationStats
 from .tree import children_table, position_ids_for_tree
+from .verification import synchronize, verify_forward
 from .visual_layout import image_grids, paired_visual_mask, visual_token_ids
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -82,12 +82,6 @@ class SpecVLMGenerateOutput(GenerateDecoderOnlyOutput):
     """
 
     speculation: SpeculationStats | None = None
-
-
-def _synchronize(device: torch.device) -> None:
-    """Waits for the device (timing on CUDA); a no-op on the CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _adaptive_tree(draft: Any, generation_config: "GenerationConfig") -> bool:
@@ -353,23 +347,11 @@ class _RowDecoder:
             mask = tree_attention_mask(self.cache, self.layer_types, tree.ancestors, tree.depths, self.n_pad, dtype,
                                        device, padding=padding)
             positions = position_ids_for_tree(tree.depths, self.next_position, self.mrope_axes).to(device)
-            exact_kwargs = (
-                {PLAN_KWARG: RowwisePlan.from_masks(mask, padding, self.padded_batch)} if self.exact else {}
+            out, verify_seconds = verify_forward(
+                self.target, block, mask, positions, self.cache, self.verify_layer_ids,
+                self.root_only if self.head_mode != "model" else 0,
+                plan=RowwisePlan.from_masks(mask, padding, self.padded_batch) if self.exact else None,
             )
-            verify_started = time.perf_counter()
-            out = self.target(
-                input_ids=block,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=self.cache,
-                use_cache=True,
-                output_hidden_states=self.verify_layer_ids,
-                logits_to_keep=self.root_only if self.head_mode != "model" else 0,
-                return_dict=True,
-                **exact_kwargs,
-            )
-            _synchronize(device)
-            verify_seconds = time.perf_counter() - verify_started
             self.stats.target_seconds += verify_seconds
             logits = _SlotLogits(out.logits[0], out.hidden_states[self.final_layer][0], self.head, self.head_mode)
             children = children_table(tree)
@@ -552,7 +534,7 @@ def _decode(target, draft, input_ids, logits_processor, stopping_criteria, gener
     model_inputs["output_hidden_states"] = sorted(set(layer_ids) | {final_layer})
     prefill_started = time.perf_counter()
     outputs = target(**model_inputs, return_dict=True)
-    _synchronize(input_ids.device)
+    synchronize(input_ids.device)
     prefill_seconds = time.perf_counter() - prefill_started
     hidden_states = outputs.hidden_states
     embeddings = hidden_states[0]
