@@ -44,6 +44,33 @@ def test_dtype_policy(monkeypatch):
     assert demo.choose_dtype("auto", "meta").dtype == torch.float32
 
 
+def test_dtype_policy_checks_the_targets_own_projections(monkeypatch):
+    from transformers import LlamaConfig
+
+    from specvlm_hf.generation import exact_attention
+    from specvlm_hf.generation.exact_attention import ExactnessProbe
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2)
+    shapes = demo.linear_shapes_from_config(config)
+    assert shapes == [(64, 32), (64, 64), (64, 160), (160, 64)]
+    monkeypatch.setattr(exact_attention, "probe_exact_verification", lambda device, dtype, **_: ExactnessProbe(True))
+    monkeypatch.setattr(demo, "cpu_has_native_bf16", lambda: True)
+    seen = []
+
+    def probe(device, dtype, asked, max_rows):
+        seen.append((dtype, asked, max_rows))
+        return ExactnessProbe(False, "F.linear 160->64 in torch.bfloat16 is not row-invariant at 6 rows")
+
+    monkeypatch.setattr(exact_attention, "probe_linear_shapes", probe)
+    choice = demo.choose_dtype("auto", linear_shapes=shapes)
+    assert choice.dtype == torch.float32 and "160->64" in choice.reason
+    assert seen == [(torch.bfloat16, shapes, 65)]
+    monkeypatch.setattr(exact_attention, "probe_linear_shapes", lambda *_: ExactnessProbe(True))
+    assert demo.choose_dtype("auto", linear_shapes=shapes).dtype == torch.bfloat16
+    assert demo.choose_dtype("auto").dtype == torch.bfloat16  # no config at hand: the generic probe decides
+    assert demo.target_linear_shapes("/no/such/model") is None
+
+
 def test_dtype_policy_on_cuda(monkeypatch):
     from specvlm_hf.generation import exact_attention
     from specvlm_hf.generation.exact_attention import ExactnessProbe

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -290,13 +291,48 @@ def _native_bf16(device: torch.device) -> tuple[bool, str]:
     return False, f"no bf16 check for {device.type} devices"
 
 
-def choose_dtype(name: str, device: torch.device | str = "cpu") -> DtypeChoice:
+def linear_shapes_from_config(config: Any) -> list[tuple[int, int]]:
+    """
+    `(in_features, out_features)` of a decoder's attention and MLP projections, from its (text) config: what a
+    verification forward multiplies besides the LM head (for [`choose_dtype`]'s row-invariance check).
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = text.hidden_size
+    head_dim = getattr(text, "head_dim", None) or hidden // text.num_attention_heads
+    query = text.num_attention_heads * head_dim
+    key_value = (getattr(text, "num_key_value_heads", None) or text.num_attention_heads) * head_dim
+    shapes = {(hidden, query), (hidden, key_value), (query, hidden)}
+    intermediate = getattr(text, "intermediate_size", None)
+    if intermediate:
+        shapes |= {(hidden, intermediate), (intermediate, hidden)}
+    return sorted(shapes)
+
+
+def target_linear_shapes(target: str | Path | None) -> list[tuple[int, int]] | None:
+    """[`linear_shapes_from_config`] of a target path / Hub id (`None`: the pocket VLM's build), or `None` when its
+    config cannot be read offline."""
+    from transformers import AutoConfig
+
+    try:
+        if target is None:
+            from .pocket.build import default_cache_dir
+
+            target = default_cache_dir()
+        return linear_shapes_from_config(AutoConfig.from_pretrained(target))
+    except Exception:  # noqa: BLE001 - no config at hand: the generic probe alone decides
+        return None
+
+
+def choose_dtype(
+    name: str, device: torch.device | str = "cpu", linear_shapes: list[tuple[int, int]] | None = None
+) -> DtypeChoice:
     """
     The dtype policy of `specvlm demo` and `specvlm bench` (`--dtype auto`, their default): bfloat16 where the device
     has native bf16 matrix units (CPU: `avx512_bf16` or `amx_bf16` in `/proc/cpuinfo`; CUDA: `is_bf16_supported()`)
-    **and** `specvlm_hf.generation.exact_attention.probe_exact_verification(device, torch.bfloat16)` passes (so
-    speculative greedy output is bitwise equal to plain decoding there); float32 otherwise. Any other `name` is
-    taken as given.
+    **and** `specvlm_hf.generation.exact_attention.probe_exact_verification(device, torch.bfloat16)` passes **and**,
+    when the target's `linear_shapes` are given ([`target_linear_shapes`]), its own projections are row-invariant in
+    bf16 for every row count of a verification block (`probe_linear_shapes`), so speculative greedy output is bitwise
+    equal to plain decoding there; float32 otherwise. Any other `name` is taken as given.
 
     Returns:
         [`DtypeChoice`]: the dtype and a one-line reason.
@@ -313,6 +349,13 @@ def choose_dtype(name: str, device: torch.device | str = "cpu") -> DtypeChoice:
     if not probe.exact:
         return DtypeChoice(torch.float32, f"--dtype auto: {why}, but the exact-verification probe fails "
                                           f"({probe.reason})")
+    if linear_shapes:
+        from .generation.exact_attention import probe_linear_shapes
+
+        linear = probe_linear_shapes(device, torch.bfloat16, linear_shapes, 65)
+        if not linear.exact:
+            return DtypeChoice(torch.float32, f"--dtype auto: {why}, but {linear.reason} (bf16 greedy output could "
+                                              "differ from plain decoding at near ties)")
     return DtypeChoice(torch.bfloat16, f"--dtype auto: {why} and the exact-verification probe passes")
 
 
@@ -445,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
     kwargs = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
     if use_pocket:
-        choice = choose_dtype(args.dtype)
+        choice = choose_dtype(args.dtype, linear_shapes=target_linear_shapes(None))
         print(f"dtype: {choice.name} ({choice.reason})")
         result = run_pocket(dtype=choice.dtype, image=args.image, prompt=args.prompt, **kwargs)
     else:

@@ -344,8 +344,10 @@ def test_dtype_auto_is_the_default_and_recorded(tiny_bench_assets, tmp_path, mon
     from specvlm_hf.bench import cli as bench_cli
 
     assert bench_cli.make_parser().parse_args([]).dtype == "auto"
-    monkeypatch.setattr(bench_cli, "choose_dtype",
-                        lambda name, device: demo.DtypeChoice(torch.float32, f"{name} on {device}: test policy"))
+    monkeypatch.setattr(
+        bench_cli, "choose_dtype",
+        lambda name, device, linear_shapes=None: demo.DtypeChoice(torch.float32, f"{name} on {device}: test policy"),
+    )
     args = _args(tiny_bench_assets, tmp_path, "--methods", "generate", "--temperature", "0", "--repeats", "1",
                  "--max-prompts", "1", "--no-calibrate")
     args[args.index("--dtype") + 1] = "auto"

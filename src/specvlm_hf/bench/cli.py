@@ -67,7 +67,7 @@ from typing import Any
 
 import torch
 
-from ..demo import DTYPE_NAMES, OneLineErrorParser, choose_dtype, positive_int, require_pocket
+from ..demo import DTYPE_NAMES, OneLineErrorParser, choose_dtype, positive_int, require_pocket, target_linear_shapes
 from ..errors import UserError, UserFileNotFoundError, UserValueError
 
 TREE_METHODS = ("specvlm_tree", "specvlm_tree_compressor")
@@ -491,7 +491,9 @@ def main(argv: list[str] | None = None) -> int:
         prompts = prompts[: args.max_prompts]
     out = prepare_output_dir(args.out, resume=args.resume)
     previous_records, previous_meta = read_previous_run(out) if args.resume else ([], None)
-    dtype_choice = choose_dtype(args.dtype, args.device)  # `auto` resolved: records measure the resolved dtype
+    # `auto` resolved (records measure the resolved dtype), checking the target's own projections where its config is
+    # at hand
+    dtype_choice = choose_dtype(args.dtype, args.device, linear_shapes=target_linear_shapes(args.target))
     args.dtype = dtype_choice.name
     run_settings = _run_settings(args, prompts_file, len(prompts), variant_specs)
     if previous_records:
