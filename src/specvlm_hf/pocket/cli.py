@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
 
         runs = {}
         for spec in args.run:
-            label, separator, path = spec.partition("=")
+            label, separator, path = spec.rpartition("=")  # labels may hold "=" (e.g. "TTT K=2")
             if not separator or not label or not path:
                 raise UserValueError(f"--run takes LABEL=PATH, got {spec!r}")
             runs[label] = Path(path)
