@@ -40,6 +40,7 @@ from torch import nn
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 __all__ = [
+    "card_measurements",
     "CARD_TAGS",
     "CARD_TEMPLATES",
     "SPECVLM_CITATION",
@@ -184,6 +185,26 @@ def acceptance_eval_results(
             )
         )
     return results
+
+
+def card_measurements(card: str | dict[str, Any]) -> dict[str, float]:
+    """
+    The measured results a card publishes: `model-index` metric type -> value (e.g. `{"mean_acceptance_length":
+    2.63, "speedup": 1.04}`), from the card's text (its YAML front matter is read) or its metadata dict; `{}` when it
+    publishes none.
+    """
+    if isinstance(card, str):
+        import yaml
+
+        parts = card.split("---\n")
+        card = (yaml.safe_load(parts[1]) if card.startswith("---\n") and len(parts) > 2 else None) or {}
+    metadata = card
+    return {
+        metric["type"]: metric["value"]
+        for entry in metadata.get("model-index", [])
+        for result in entry["results"]
+        for metric in result["metrics"]
+    }
 
 
 def _environment():

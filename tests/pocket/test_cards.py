@@ -11,7 +11,7 @@ import yaml
 from huggingface_hub import ModelCard
 
 from specvlm_hf import SpecVLMDraftModel
-from specvlm_hf.hub import CARD_TAGS
+from specvlm_hf.hub import CARD_TAGS, card_measurements
 from specvlm_hf.pocket.build import _model_card
 from specvlm_hf.pocket.draft import DRAFT_DIR
 from specvlm_hf.pocket.train_draft import DRAFT_PROVENANCE_FILE, write_draft_card
@@ -25,13 +25,6 @@ def _front_matter(card: str) -> dict:
     return yaml.safe_load(card.split("---\n")[1])
 
 
-def _measured(metadata: dict) -> dict[str, float]:
-    return {
-        metric["type"]: metric["value"]
-        for entry in metadata.get("model-index", [])
-        for result in entry["results"]
-        for metric in result["metrics"]
-    }
 
 
 def _pocket_provenance(trained: bool = True) -> dict:
@@ -120,7 +113,7 @@ def test_shipped_draft_card(tiny_draft, tmp_path):
     assert metadata["library_name"] == "specvlm-hf" and metadata["tags"] == CARD_TAGS["draft"]
     assert "base_model" not in metadata  # the pocket VLM is a local build, not a Hub model
     assert metadata["model-index"][0]["name"] == "pocket VLM SpecVLM draft"
-    assert _measured(metadata) == {"mean_acceptance_length": 2.0, "speedup": 1.234}
+    assert card_measurements(metadata) == {"mean_acceptance_length": 2.0, "speedup": 1.234}
     assert "**Mean acceptance length: 2.00 tokens per target forward**" in card
     assert "greedy, 12 held-out prompts, max_new_tokens=96, after epoch 2 (float32 target)" in card
     assert f"**Speedup: 1.23×** end-to-end over plain decoding ({SPEEDUP_SETUP})." in card
@@ -137,7 +130,7 @@ def test_shipped_draft_card(tiny_draft, tmp_path):
 
     # re-rendered without a speedup (e.g. after retraining): same card minus the speedup, metadata included
     again = write_draft_card(tiny_draft, tmp_path, _draft_provenance())
-    assert _measured(_front_matter(again)) == {"mean_acceptance_length": 2.0} and "Speedup" not in again
+    assert card_measurements(_front_matter(again)) == {"mean_acceptance_length": 2.0} and "Speedup" not in again
 
 
 def test_committed_shipped_draft_card_matches_its_provenance():
@@ -146,6 +139,6 @@ def test_committed_shipped_draft_card_matches_its_provenance():
     metadata = _front_matter(card)
     assert metadata["tags"] == CARD_TAGS["draft"]
     last = [row for row in provenance["evaluations"] if row.get("eval_mean_accept_len") is not None][-1]
-    assert _measured(metadata)["mean_acceptance_length"] == round(last["eval_mean_accept_len"], 3)
+    assert card_measurements(metadata)["mean_acceptance_length"] == round(last["eval_mean_accept_len"], 3)
     assert ModelCard(card).data.eval_results  # huggingface_hub reads the results back
     assert "<!-- specvlm-hf:start -->" in card and f"Reproduce with `{provenance['command']}`." in card

@@ -18,6 +18,7 @@ from specvlm_hf.hub import (
     CARD_TAGS,
     CARD_TEMPLATES,
     acceptance_eval_results,
+    card_measurements,
     card_templates_dir,
     create_model_card,
     push_draft_to_hub,
@@ -37,14 +38,6 @@ def _front_matter(card: str) -> dict:
     return yaml.safe_load(card.split("---\n")[1])
 
 
-def _measured(metadata: dict) -> dict[str, float]:
-    """`model-index` metric type -> value, over every result of the card's metadata."""
-    return {
-        metric["type"]: metric["value"]
-        for entry in metadata.get("model-index", [])
-        for result in entry["results"]
-        for metric in result["metrics"]
-    }
 
 
 @pytest.fixture
@@ -174,7 +167,7 @@ def test_card_update_is_idempotent_and_keeps_user_content(hub_draft, tmp_path):
     metadata = _front_matter(updated)
     assert metadata["license"] == "apache-2.0"
     assert metadata["tags"] == [*CARD_TAGS["draft"], "my-tag"]
-    assert _measured(metadata) == {"mean_acceptance_length": 3.0}
+    assert card_measurements(metadata) == {"mean_acceptance_length": 3.0}
     assert "## Notes by the author\n\nTrained on my laptop." in updated
     assert "**Mean acceptance length: 3.00 tokens" in updated and "not measured yet" not in updated
     assert create_model_card(hub_draft, tmp_path, model_id="tester/tiny-draft", mean_accept_len=3.0) == updated
@@ -204,10 +197,10 @@ def test_card_update_replaces_our_results_and_keeps_the_users(hub_draft, tmp_pat
     remeasured = _front_matter(
         create_model_card(hub_draft, tmp_path, model_id="tester/tiny-draft", mean_accept_len=2.5)
     )
-    assert _measured(remeasured) == {"mean_acceptance_length": 2.5, "accuracy": 0.31}  # no stale speedup
+    assert card_measurements(remeasured) == {"mean_acceptance_length": 2.5, "accuracy": 0.31}  # no stale speedup
     assert remeasured["model-index"][0]["name"] == "tiny-draft"
     cleared = _front_matter(create_model_card(hub_draft, tmp_path, model_id="tester/tiny-draft"))
-    assert _measured(cleared) == {"accuracy": 0.31}
+    assert card_measurements(cleared) == {"accuracy": 0.31}
 
 
 def test_tags_are_defined_once():
@@ -294,7 +287,7 @@ def test_trainer_save_writes_the_card_with_the_measured_acceptance(target, proce
     card = (tmp_path / "out" / "README.md").read_text()
     metadata = _front_matter(card)
     assert metadata["tags"] == CARD_TAGS["draft"]
-    assert _measured(metadata) == {"mean_acceptance_length": round(measured, 3)}
+    assert card_measurements(metadata) == {"mean_acceptance_length": round(measured, 3)}
     assert (
         f"| Epoch | {trainer.state.epoch:g} |" in card
         and f"| Mean acceptance length (incl. bonus), held out | {measured:.2f} |" in card
@@ -351,3 +344,10 @@ def test_draft_push_to_hub_writes_the_specvlm_card(fake_hub, hub_draft):
     hub_draft.push_to_hub("tester/tiny-draft")
     (commit,) = fake_hub
     assert commit["files"]["README.md"].decode() == create_model_card(hub_draft, model_id="tester/tiny-draft")
+
+
+def test_card_measurements_read_from_text_or_metadata():
+    card = "---\nmodel-index:\n- name: d\n  results:\n  - metrics:\n    - type: speedup\n      value: 1.5\n---\n# d\n"
+    assert card_measurements(card) == {"speedup": 1.5}
+    assert card_measurements("# a card without metadata\n") == {}
+    assert card_measurements({"model-index": []}) == {}
