@@ -86,12 +86,14 @@ def test_bad_pocket_flags_are_one_line_user_errors(capsys):
         pocket_cli.main(["train-compressors", "--variants", "nope"])
     with pytest.raises(UserValueError, match="invalid float value"):
         pocket_cli.main(["train-draft", "--epochs", "many"])
-    with pytest.raises(UserValueError, match="invalid int value"):
+    with pytest.raises(UserValueError, match="argument --batch-size: expected a positive integer, got 'many'"):
         pocket_cli.main(["build-corpus", "--batch-size", "many"])
-    with pytest.raises(UserValueError, match="argument --batch-size: must be positive, got 0"):
+    with pytest.raises(UserValueError, match="argument --batch-size: expected a positive integer, got '0'"):
         pocket_cli.main(["build-corpus", "--batch-size", "0"])
-    with pytest.raises(UserValueError, match="argument --ttt-steps: must be positive"):
+    with pytest.raises(UserValueError, match="argument --ttt-steps: expected a positive integer"):
         pocket_cli.main(["train-draft", "--ttt-steps", "0"])
+    with pytest.raises(UserValueError, match="argument --text-records: expected an integer >= 0, got '-1'"):
+        pocket_cli.main(["build-corpus", "--text-records", "-1"])
     assert specvlm_hf.cli.main(["pocket", "build", "--dtype", "int3"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "invalid choice: 'int3'" in line

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserValueError
+from ..demo import positive_int
 from .requirements import require_command_extras
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -39,20 +40,15 @@ class _Parser(argparse.ArgumentParser):
         raise UserValueError(f"{message} (see `{self.prog} --help`)")
 
 
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be {'positive' if minimum == 1 else '0 or more'}, got {value}")
-        return value
-
-    return parse
-
-
-_positive_int, _count = _int_at_least(1), _int_at_least(0)
+def _count(value: str) -> int:
+    """`argparse` type: an integer >= 0 (a number of records)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
+    return number
 
 
 def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -106,12 +102,12 @@ def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
     )
     draft.add_argument("--epochs", type=float, default=recipe.epochs)
     draft.add_argument("--learning-rate", type=float, default=recipe.learning_rate)
-    draft.add_argument("--batch-size", type=_positive_int, default=recipe.batch_size)
+    draft.add_argument("--batch-size", type=positive_int, default=recipe.batch_size)
     draft.add_argument("--draft-vocab-size", type=int, default=recipe.draft_vocab_size)
     draft.add_argument(
         "--train-records", type=int, default=None, help="train on the first N corpus records (default: all)"
     )
-    draft.add_argument("--ttt-steps", type=_positive_int, default=recipe.ttt_steps, help="training-time test steps (1: EAGLE-1)")
+    draft.add_argument("--ttt-steps", type=positive_int, default=recipe.ttt_steps, help="training-time test steps (1: EAGLE-1)")
     draft.add_argument("--ttt-decay", type=float, default=recipe.ttt_decay, help="loss weight decay per TTT step")
     draft.add_argument(
         "--target-layer-ids", type=int, nargs="+", default=None,
@@ -144,12 +140,12 @@ def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
     corpus.add_argument("--multi-image-records", type=_count, default=corpus_recipe.multi_image_records)
     corpus.add_argument("--text-records", type=_count, default=corpus_recipe.text_records)
     corpus.add_argument("--long-answer-fraction", type=float, default=corpus_recipe.long_answer_fraction)
-    corpus.add_argument("--max-new-tokens", type=_positive_int, default=corpus_recipe.max_new_tokens)
-    corpus.add_argument("--long-max-new-tokens", type=_positive_int, default=corpus_recipe.long_max_new_tokens)
+    corpus.add_argument("--max-new-tokens", type=positive_int, default=corpus_recipe.max_new_tokens)
+    corpus.add_argument("--long-max-new-tokens", type=positive_int, default=corpus_recipe.long_max_new_tokens)
     corpus.add_argument("--seed", type=int, default=corpus_recipe.seed)
-    corpus.add_argument("--batch-size", type=_positive_int, default=64, help="rows per generate call (left-padded)")
+    corpus.add_argument("--batch-size", type=positive_int, default=64, help="rows per generate call (left-padded)")
     corpus.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="generation dtype (auto: policy)")
-    corpus.add_argument("--limit", type=_positive_int, default=None, help="answer only the first N prompts (a balanced prefix)")
+    corpus.add_argument("--limit", type=positive_int, default=None, help="answer only the first N prompts (a balanced prefix)")
     corpus.add_argument("--work-dir", type=Path, default=None, help="default: cache/pocket-draft/corpus")
     corpus.add_argument("--export", action="store_true", help="also write the gzipped copy committed in assets/")
     corpus.add_argument(
