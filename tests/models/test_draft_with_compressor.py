@@ -198,4 +198,7 @@ def test_remote_code_loads_without_the_library(target, tmp_path):
     assert remote["state"].keys() == local.keys()
     assert all(torch.equal(remote["state"][key], local[key]) for key in local)
     expected = draft.fuse_and_compress(**inputs)
-    assert torch.equal(remote["fused"], expected.fused) and torch.equal(remote["kept_index"], expected.kept_index)
+    assert torch.equal(remote["kept_index"], expected.kept_index)
+    # the same weights and code; a multi-threaded CPU GEMM may still round ~1e-7 differently in another process (seen
+    # at 2 threads on a 2-core AMD EPYC), so the features are compared to float32 rounding, not bit for bit
+    torch.testing.assert_close(remote["fused"], expected.fused.detach(), rtol=1e-5, atol=1e-6)
