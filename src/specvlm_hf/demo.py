@@ -90,6 +90,17 @@ def positive_int(value: str) -> int:
     return number
 
 
+def non_negative_int(value: str) -> int:
+    """`argparse` type: an integer >= 0."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value!r}")
+    return number
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
     """
     An `ArgumentParser` whose errors (unknown option, invalid choice, bad value) raise a

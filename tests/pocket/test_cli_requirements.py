@@ -92,7 +92,7 @@ def test_bad_pocket_flags_are_one_line_user_errors(capsys):
         pocket_cli.main(["build-corpus", "--batch-size", "0"])
     with pytest.raises(UserValueError, match="argument --ttt-steps: expected a positive integer"):
         pocket_cli.main(["train-draft", "--ttt-steps", "0"])
-    with pytest.raises(UserValueError, match="argument --text-records: expected an integer >= 0, got '-1'"):
+    with pytest.raises(UserValueError, match="argument --text-records: expected a non-negative integer, got '-1'"):
         pocket_cli.main(["build-corpus", "--text-records", "-1"])
     assert specvlm_hf.cli.main(["pocket", "build", "--dtype", "int3"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()

@@ -67,7 +67,15 @@ from typing import Any
 
 import torch
 
-from ..demo import DTYPE_NAMES, OneLineErrorParser, choose_dtype, positive_int, require_pocket, target_linear_shapes
+from ..demo import (
+    DTYPE_NAMES,
+    OneLineErrorParser,
+    choose_dtype,
+    non_negative_int,
+    positive_int,
+    require_pocket,
+    target_linear_shapes,
+)
 from ..errors import UserError, UserFileNotFoundError, UserValueError
 
 TREE_METHODS = ("specvlm_tree", "specvlm_tree_compressor")
@@ -80,16 +88,6 @@ RESUME_SETTINGS = (
     "num_prompts", "max_new_tokens", "cap_new_tokens", "repeats", "top_k", "top_p", "seed", "chain_depth",
     "prompt_lookup_num_tokens", "num_assistant_tokens", "num_threads", "calibrate",
 )
-
-
-def _non_negative_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value!r}")
-    return number
 
 
 def _temperature(value: str) -> float:
@@ -172,7 +170,7 @@ def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
     run.add_argument("--batch-size", nargs="+", type=positive_int, default=[1],
                      help="batch sizes to sweep (default: 1)")
     run.add_argument("--repeats", type=positive_int, default=2, help="interleaved repetitions (default: 2)")
-    run.add_argument("--top-k", type=_non_negative_int, default=0, help="top_k when sampling (default: 0 = off)")
+    run.add_argument("--top-k", type=non_negative_int, default=0, help="top_k when sampling (default: 0 = off)")
     run.add_argument("--top-p", type=_probability, default=1.0, help="top_p when sampling (default: 1.0 = off)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--chain-depth", type=positive_int, default=None,

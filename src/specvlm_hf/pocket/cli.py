@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserValueError
-from ..demo import positive_int
+from ..demo import non_negative_int, positive_int
 from .requirements import require_command_extras
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -38,17 +38,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         raise UserValueError(f"{message} (see `{self.prog} --help`)")
-
-
-def _count(value: str) -> int:
-    """`argparse` type: an integer >= 0 (a number of records)."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
-    return number
 
 
 def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -136,9 +125,9 @@ def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
         help="the draft's training corpus at scale: >10,000 prompts (disjoint from the benchmark) answered by the "
         "pocket VLM in large batches (resumable)",
     )
-    corpus.add_argument("--image-records", type=_count, default=corpus_recipe.image_records)
-    corpus.add_argument("--multi-image-records", type=_count, default=corpus_recipe.multi_image_records)
-    corpus.add_argument("--text-records", type=_count, default=corpus_recipe.text_records)
+    corpus.add_argument("--image-records", type=non_negative_int, default=corpus_recipe.image_records)
+    corpus.add_argument("--multi-image-records", type=non_negative_int, default=corpus_recipe.multi_image_records)
+    corpus.add_argument("--text-records", type=non_negative_int, default=corpus_recipe.text_records)
     corpus.add_argument("--long-answer-fraction", type=float, default=corpus_recipe.long_answer_fraction)
     corpus.add_argument("--max-new-tokens", type=positive_int, default=corpus_recipe.max_new_tokens)
     corpus.add_argument("--long-max-new-tokens", type=positive_int, default=corpus_recipe.long_max_new_tokens)
