@@ -89,4 +89,6 @@ def run(
 if __name__ == "__main__":
     torch.set_num_threads(1)
     data_path, out, size, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    run(data_path, out, size, steps, streaming=sys.argv[5:] == ["streaming"])
+    trainer = run(data_path, out, size, steps, streaming=sys.argv[5:] == ["streaming"])
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()  # destroy the gloo group before interpreter shutdown (else a rank may abort)

@@ -482,7 +482,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         raise UserValueError(f"invalid flags: {_one_line(error)}") from error
     logging.basicConfig(level=logging.INFO if config.should_log else logging.WARNING)
-    train(script_args, config)
+    trainer = train(script_args, config)
+    # Finishes the trackers and, under `accelerate launch`, tears the process group down while Python is still whole:
+    # a gloo group left to interpreter shutdown can abort a rank ("terminate called without an active exception").
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
     return 0
 
 
