@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.cache_utils import DynamicCache
 
-from specvlm_hf.generation.acceptance import greedy_choices, walk_tree
+from specvlm_hf.generation.acceptance import greedy_choices, greedy_token_ids, walk_tree
 from specvlm_hf.generation.cache_utils import compact
 from specvlm_hf.generation.tree import DraftTree, ancestor_matrix, children_table, position_ids_for_tree, select_nodes
 
@@ -106,3 +107,20 @@ def test_compaction_keeps_exactly_the_accepted_slots(prefix, n_block, data):
 def test_ancestor_matrix_of_a_chain():
     anc = ancestor_matrix(torch.tensor([-1, 0, 1, 2]))
     assert torch.equal(anc, torch.tril(torch.ones(4, 4, dtype=torch.bool)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_greedy_token_ids_is_argmax_with_its_first_index_rule_for_ties(dtype):
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 49_153, generator=generator).to(dtype)
+    for row in range(logits.shape[0]):  # 2-5 equal maxima per row, anywhere (inside and across vector lanes)
+        columns = torch.randint(0, logits.shape[1], (2 + row % 4,), generator=generator)
+        logits[row, columns] = 50.0
+    coarse = torch.round(logits[:16] * 2) / 2  # many ties everywhere
+    strided = logits[:, ::3]  # not contiguous
+    for scores in (logits, coarse, strided, logits[:1]):
+        expected = scores.argmax(dim=-1)
+        assert torch.equal(greedy_token_ids(scores), expected)
+        first_max = (scores == scores.max(dim=-1, keepdim=True).values).int().argmax(dim=-1)
+        assert torch.equal(expected, first_max)  # the rule itself: the lowest index among the maxima
+    assert greedy_choices(logits[:3]) == logits[:3].argmax(dim=-1).tolist()

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 
-from .acceptance import walk_tree
+from .acceptance import greedy_token_ids, walk_tree
 from .cache_utils import compact_rows, keep_rows
 from .exact_attention import RowwisePlan
 from .ngram import merge_branch, ngram_candidate
@@ -221,7 +221,7 @@ class BatchedTreeDecoder:
         device = self.device
         arange = torch.arange(b, device=device)
         final_hidden = out.hidden_states[self.final_layer]
-        all_argmax = out.logits.argmax(dim=-1) if self.head_mode == "model" else None  # (b, W)
+        all_argmax = greedy_token_ids(out.logits) if self.head_mode == "model" else None  # (b, W)
         path = torch.zeros((b, width + 1), dtype=torch.long, device=device)
         emitted = torch.zeros((b, width), dtype=torch.long, device=device)
         n_emitted = torch.zeros(b, dtype=torch.long, device=device)
@@ -232,10 +232,10 @@ class BatchedTreeDecoder:
             if all_argmax is not None:
                 choice = all_argmax[alive, current[alive]]
             elif depth == 0:
-                choice = out.logits[:, 0].argmax(dim=-1)
+                choice = greedy_token_ids(out.logits[:, 0])
             else:
                 started = time.perf_counter()
-                choice = self.head(final_hidden[alive, current[alive]][:, None]).float()[:, 0].argmax(dim=-1)
+                choice = greedy_token_ids(self.head(final_hidden[alive, current[alive]][:, None]).float()[:, 0])
                 head_seconds += time.perf_counter() - started
             emitted[alive, depth] = choice
             n_emitted[alive] += 1

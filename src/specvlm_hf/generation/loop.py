@@ -31,7 +31,7 @@ import torch
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import logging
 
-from .acceptance import sample_token, walk_tree
+from .acceptance import greedy_token_ids, sample_token, walk_tree
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from .batched import BatchedTreeDecoder, PerRowDrafters
@@ -266,9 +266,9 @@ class _SlotLogits:
 
     def argmax(self, slot: int) -> int:
         if self.mode != "model":
-            return int(self[slot].argmax(dim=-1).item())
+            return int(greedy_token_ids(self[slot]).item())
         if self.argmaxes is None:
-            self.argmaxes = self.all.argmax(dim=-1).tolist()  # one host sync for every slot
+            self.argmaxes = greedy_token_ids(self.all).tolist()  # one host sync for every slot
         return self.argmaxes[slot]
 
 
@@ -318,7 +318,7 @@ class _RowDecoder:
             self.raw_logits.append(logits)
         if self.do_sample:
             return sample_token(torch.softmax(processed, dim=-1)[0])
-        return int(processed.argmax(dim=-1).item())
+        return int(greedy_token_ids(processed).item())
 
     def _stops(self, ids: torch.Tensor) -> bool:
         return bool(self.stopping_criteria(ids, None).any())

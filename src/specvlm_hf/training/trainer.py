@@ -189,7 +189,10 @@ class OnlineDistillationTrainer(Trainer):
                 "compressor: the compressed step 0 has fewer positions than the unrolled steps that follow it. Train "
                 "the compressor with ttt_steps=1, or train a draft without compressor with the training-time test."
             )
-        if args.ttt_steps > 1 and (args.gradient_checkpointing or getattr(model, "is_gradient_checkpointing", False)):
+        checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5.x's name
+        if checkpointing is None:
+            checkpointing = getattr(model, "is_gradient_checkpointing", False)
+        if args.ttt_steps > 1 and (args.gradient_checkpointing or checkpointing):
             raise UserValueError(
                 f"ttt_steps={args.ttt_steps} (training-time test) keeps the earlier steps' keys in the draft's cache, "
                 "which gradient checkpointing switches off: drop gradient_checkpointing (a draft of one or a few "
