@@ -92,6 +92,10 @@ def test_bad_pocket_flags_are_one_line_user_errors(capsys):
         pocket_cli.main(["build-corpus", "--batch-size", "0"])
     with pytest.raises(UserValueError, match="argument --ttt-steps: expected a positive integer"):
         pocket_cli.main(["train-draft", "--ttt-steps", "0"])
+    with pytest.raises(UserValueError, match="argument --draft-vocab-size: expected a positive integer, got '0'"):
+        pocket_cli.main(["train-draft", "--draft-vocab-size", "0"])
+    with pytest.raises(UserValueError, match="argument --num-threads: expected a non-negative integer, got '-2'"):
+        pocket_cli.main(["train-draft", "--num-threads", "-2"])
     with pytest.raises(UserValueError, match="argument --text-records: expected a non-negative integer, got '-1'"):
         pocket_cli.main(["build-corpus", "--text-records", "-1"])
     assert specvlm_hf.cli.main(["pocket", "build", "--dtype", "int3"]) == 2

@@ -89,10 +89,22 @@ def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
     draft = commands.add_parser(
         "train-draft", help="reproduce the shipped SpecVLM draft (self-distilled data + online distillation, CPU)"
     )
-    draft.add_argument("--epochs", type=float, default=recipe.epochs)
-    draft.add_argument("--learning-rate", type=float, default=recipe.learning_rate)
-    draft.add_argument("--batch-size", type=positive_int, default=recipe.batch_size)
-    draft.add_argument("--draft-vocab-size", type=int, default=recipe.draft_vocab_size)
+    draft.add_argument(
+        "--epochs", type=float, default=recipe.epochs,
+        help=f"passes over the training records, fractions allowed (default: {recipe.epochs:g})",
+    )
+    draft.add_argument(
+        "--learning-rate", type=float, default=recipe.learning_rate,
+        help=f"peak learning rate of the cosine schedule (default: {recipe.learning_rate:g})",
+    )
+    draft.add_argument(
+        "--batch-size", type=positive_int, default=recipe.batch_size,
+        help=f"records per optimizer step (default: {recipe.batch_size})",
+    )
+    draft.add_argument(
+        "--draft-vocab-size", type=positive_int, default=recipe.draft_vocab_size,
+        help=f"ids of the draft's reduced head, the most frequent answer tokens (default: {recipe.draft_vocab_size})",
+    )
     draft.add_argument(
         "--train-records", type=int, default=None, help="train on the first N corpus records (default: all)"
     )
@@ -102,12 +114,15 @@ def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
         "--target-layer-ids", type=int, nargs="+", default=None,
         help="target layers the draft reads (default: the last; e.g. 2 15 -1 for EAGLE-3-style fusion)",
     )
-    draft.add_argument("--teacher-dtype", default=recipe.teacher_dtype, choices=["auto", *DTYPES])
+    draft.add_argument(
+        "--teacher-dtype", default=recipe.teacher_dtype, choices=["auto", *DTYPES],
+        help="dtype of the teacher's forward (auto: bfloat16 where the CPU has native bf16 units, else float32)",
+    )
     draft.add_argument(
         "--evaluations-per-epoch", type=int, default=recipe.evaluations_per_epoch,
         help="bench-prompt acceptance measurements (fp32, T=0 and 1) per epoch",
     )
-    draft.add_argument("--seed", type=int, default=recipe.seed)
+    draft.add_argument("--seed", type=int, default=recipe.seed, help=f"draft initialisation and data order (default: {recipe.seed})")
     draft.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the work dir")
     draft.add_argument(
         "--corpus-dir", type=Path, default=None,
@@ -115,7 +130,10 @@ def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
     )
     draft.add_argument("--work-dir", type=Path, default=None, help="data and trainer folder (default: cache)")
     draft.add_argument("--output-dir", type=Path, default=None, help="where the draft is written (default: assets)")
-    draft.add_argument("--num-threads", type=int, default=0, help="torch threads (0: torch default)")
+    draft.add_argument(
+        "--num-threads", type=non_negative_int, default=0,
+        help="torch threads (0: torch default; 1 when another job shares the cores)",
+    )
 
     from .corpus import CorpusRecipe
 
