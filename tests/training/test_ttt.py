@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoModel
@@ -157,6 +159,27 @@ def test_loss_equals_the_drafter_run_chain_by_chain(shape, target, processor, im
     assert reference > 1.3 * reference_one  # the later steps really add to the loss
     metrics = trainer._flush_metrics("eval")
     assert {"ttt1_loss_logit", "ttt1_loss_feat", "ttt1_top1_agreement", "ttt2_top1_agreement"} <= set(metrics)
+
+
+@pytest.mark.parametrize("layers", [None, [1, 2, -1]], ids=["last-layer", "multi-layer"])
+def test_a_bf16_teacher_trains_an_fp32_draft(layers, target, processor, image_dir, tmp_path):
+    """The pocket recipe's setting (bf16 teacher on a CPU with bf16 units, fp32 master weights), fused layers included."""
+    teacher = copy.deepcopy(target).to(torch.bfloat16)
+    torch.manual_seed(3)
+    draft = specvlm_hf.SpecVLMDraftModel.from_target(target, target_layer_ids=layers, draft_vocab_size=40).float()
+    dataset = DistillationDataset(make_records(2, image_dir, seed=5), processor, show_progress=False)
+    trainer = OnlineDistillationTrainer(
+        model=draft, teacher=teacher, args=tiny_args(tmp_path, ttt_steps=2), train_dataset=dataset
+    )
+    batch = trainer.data_collator([dataset[i] for i in range(len(dataset))])
+    loss = trainer.compute_loss(draft, batch)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    grads = [p.grad for p in draft.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert draft.fc.weight.grad.abs().sum() > 0
+    if layers is not None:
+        assert draft.feature_proj.weight.grad.abs().sum() > 0
 
 
 def test_one_step_is_exactly_the_eagle1_loss(target, draft, processor, image_dir, tmp_path):

@@ -449,8 +449,10 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel):
     def fuse(self, inputs_embeds: torch.Tensor, target_hidden_states: torch.Tensor) -> torch.Tensor:
         """`[emb ; feature] -> fc -> input norm`: the input of the decoder layer(s), `(batch, seq, hidden_size)`."""
         if self.feature_proj is not None and target_hidden_states.shape[-1] != self.config.hidden_size:
-            target_hidden_states = self.feature_proj(target_hidden_states)
-        fused = self.fc(torch.cat([inputs_embeds.to(self.fc.weight.dtype), target_hidden_states.to(self.fc.weight.dtype)], dim=-1))
+            # features arrive in the target's dtype (a bf16 teacher feeding an fp32 draft in training)
+            target_hidden_states = self.feature_proj(target_hidden_states.to(self.feature_proj.weight.dtype))
+        dtype = self.fc.weight.dtype
+        fused = self.fc(torch.cat([inputs_embeds.to(dtype), target_hidden_states.to(dtype)], dim=-1))
         return self.input_norm(fused) if self.input_norm is not None else fused
 
     def fuse_and_compress(
