@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,3 +103,11 @@ def test_render_text_only_target_rejects_images(tmp_path):
     assert inputs["input_ids"].shape[0] == 1
     with pytest.raises(UserValueError, match="the target is text-only"):
         render_batch(tokenizer, prompts[:1], "cpu")
+
+
+def test_the_example_text_only_prompts_load():
+    """`examples/bench_prompts/text_only.jsonl` (the Gemma-3-270M rows): six text prompts, one past a 512-token window."""
+    path = Path(__file__).resolve().parents[2] / "examples" / "bench_prompts" / "text_only.jsonl"
+    prompts = load_prompts(path)
+    assert len(prompts) == 6 and all(not prompt.images for prompt in prompts)
+    assert max(len(prompt.prompt.split()) for prompt in prompts) > 512  # words, so > 512 tokens for any tokenizer
