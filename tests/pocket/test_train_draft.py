@@ -108,3 +108,27 @@ def test_load_pocket_draft_casts_checks_and_explains_a_missing_checkpoint(tiny, 
                                          num_attention_heads=2, num_key_value_heads=1))
     with pytest.raises(ValueError, match="hidden size"):
         load_pocket_draft(other, tmp_path / "draft")
+
+
+def test_train_draft_flags_reach_the_recipe(monkeypatch):
+    """Every recipe knob set on the command line lands in the `PocketDraftRecipe` that is trained (and saved)."""
+    from specvlm_hf.pocket import cli as pocket_cli
+
+    seen = {}
+    monkeypatch.setattr(pocket_cli, "require_command_extras", lambda command: None)
+    monkeypatch.setattr(
+        "specvlm_hf.pocket.train_draft.train_pocket_draft",
+        lambda recipe, *args, **kwargs: seen.update(recipe=recipe) or "done",
+    )
+    flags = [
+        "train-draft", "--epochs", "1.5", "--learning-rate", "3e-4", "--batch-size", "4", "--draft-vocab-size", "4096",
+        "--train-records", "100", "--ttt-steps", "2", "--ttt-decay", "0.7", "--lambda-logit", "1", "--lambda-feat",
+        "0.5", "--target-layer-ids", "2", "15", "-1", "--teacher-dtype", "float32", "--evaluations-per-epoch", "1",
+        "--seed", "9",
+    ]  # fmt: skip
+    assert pocket_cli.main(flags) == 0
+    recipe = seen["recipe"]
+    assert (recipe.epochs, recipe.learning_rate, recipe.batch_size, recipe.draft_vocab_size) == (1.5, 3e-4, 4, 4096)
+    assert (recipe.train_records, recipe.ttt_steps, recipe.ttt_decay) == (100, 2, 0.7)
+    assert (recipe.lambda_logit, recipe.lambda_feat, recipe.target_layer_ids) == (1.0, 0.5, [2, 15, -1])
+    assert (recipe.teacher_dtype, recipe.evaluations_per_epoch, recipe.seed) == ("float32", 1, 9)

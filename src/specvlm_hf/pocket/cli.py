@@ -111,6 +111,14 @@ def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
     draft.add_argument("--ttt-steps", type=positive_int, default=recipe.ttt_steps, help="training-time test steps (1: EAGLE-1)")
     draft.add_argument("--ttt-decay", type=float, default=recipe.ttt_decay, help="loss weight decay per TTT step")
     draft.add_argument(
+        "--lambda-logit", type=float, default=recipe.lambda_logit,
+        help=f"weight of the distillation loss on the teacher's token distribution (default: {recipe.lambda_logit:g})",
+    )
+    draft.add_argument(
+        "--lambda-feat", type=float, default=recipe.lambda_feat,
+        help=f"weight of the feature-regression loss (default: {recipe.lambda_feat:g})",
+    )
+    draft.add_argument(
         "--target-layer-ids", type=int, nargs="+", default=None,
         help="target layers the draft reads (default: the last; e.g. 2 15 -1 for EAGLE-3-style fusion)",
     )
@@ -247,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
             train_records=args.train_records,
             ttt_steps=args.ttt_steps,
             ttt_decay=args.ttt_decay,
+            lambda_logit=args.lambda_logit,
+            lambda_feat=args.lambda_feat,
             target_layer_ids=args.target_layer_ids,
             teacher_dtype=args.teacher_dtype,
             evaluations_per_epoch=args.evaluations_per_epoch,

@@ -52,6 +52,8 @@ class PocketDraftRecipe:
     batch_size: int = 8
     warmup_ratio: float = 0.02
     feature_noise: float = 0.1
+    lambda_logit: float = 0.1  # OnlineDistillationConfig's loss weights (EAGLE-1's balance by default)
+    lambda_feat: float = 1.0
     ttt_steps: int = 1
     ttt_decay: float = 0.8
     target_layer_ids: list[int] | None = None
@@ -323,6 +325,8 @@ def train_pocket_draft(
         warmup_steps=recipe.warmup_ratio,  # a float < 1 is a ratio of the total steps
         lr_scheduler_type="cosine",
         feature_noise=recipe.feature_noise,
+        lambda_logit=recipe.lambda_logit,
+        lambda_feat=recipe.lambda_feat,
         eval_strategy="no",
         save_strategy="steps",
         save_steps=every,
