@@ -118,15 +118,16 @@ def test_train_draft_flags_reach_the_recipe(monkeypatch):
     monkeypatch.setattr(pocket_cli, "require_command_extras", lambda command: None)
     monkeypatch.setattr(
         "specvlm_hf.pocket.train_draft.train_pocket_draft",
-        lambda recipe, *args, **kwargs: seen.update(recipe=recipe) or "done",
+        lambda recipe, *args, **kwargs: seen.update(recipe=recipe, **kwargs) or "done",
     )
     flags = [
         "train-draft", "--epochs", "1.5", "--learning-rate", "3e-4", "--batch-size", "4", "--draft-vocab-size", "4096",
         "--train-records", "100", "--ttt-steps", "2", "--ttt-decay", "0.7", "--lambda-logit", "1", "--lambda-feat",
         "0.5", "--target-layer-ids", "2", "15", "-1", "--teacher-dtype", "float32", "--evaluations-per-epoch", "1",
-        "--seed", "9",
+        "--seed", "9", "--no-untrained-eval",
     ]  # fmt: skip
     assert pocket_cli.main(flags) == 0
+    assert seen["measure_untrained"] is False
     recipe = seen["recipe"]
     assert (recipe.epochs, recipe.learning_rate, recipe.batch_size, recipe.draft_vocab_size) == (1.5, 3e-4, 4, 4096)
     assert (recipe.train_records, recipe.ttt_steps, recipe.ttt_decay) == (100, 2, 0.7)

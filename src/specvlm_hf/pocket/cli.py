@@ -133,6 +133,10 @@ def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
     draft.add_argument("--seed", type=int, default=recipe.seed, help=f"draft initialisation and data order (default: {recipe.seed})")
     draft.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the work dir")
     draft.add_argument(
+        "--no-untrained-eval", dest="measure_untrained", action="store_false",
+        help="skip the acceptance measurement before training (it depends only on seed, draft shape and vocabulary)",
+    )
+    draft.add_argument(
         "--corpus-dir", type=Path, default=None,
         help="the build-corpus folder (default: the cache's; the committed corpus when there is none)",
     )
@@ -265,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         command = "specvlm pocket " + shlex.join(sys.argv[1:] if argv is None else argv)
         print(train_pocket_draft(
             recipe, args.work_dir, args.output_dir or DRAFT_DIR, command, args.num_threads or None, resume=args.resume,
-            corpus_dir=args.corpus_dir,
+            corpus_dir=args.corpus_dir, measure_untrained=args.measure_untrained,
         ))
         return 0
     if args.pocket_command == "build-corpus":
