@@ -47,14 +47,14 @@ class PocketDraftRecipe:
     train_records: int | None = None
     eval_records: int = 64
     draft_vocab_size: int = 8192
-    epochs: float = 2.0
+    epochs: float = 1.0
     learning_rate: float = 5e-4
     batch_size: int = 8
     warmup_ratio: float = 0.02
     feature_noise: float = 0.1
     lambda_logit: float = 0.1  # OnlineDistillationConfig's loss weights (EAGLE-1's balance by default)
     lambda_feat: float = 1.0
-    ttt_steps: int = 1
+    ttt_steps: int = 2
     ttt_decay: float = 0.8
     target_layer_ids: list[int] | None = None
     teacher_dtype: str = "auto"  # the demo's policy: bf16 where the CPU has native bf16 units, else fp32
