@@ -28,8 +28,13 @@ def _inputs(processor, dtype):
 def test_bf16_greedy_equals_plain_on_the_bench_prompts(pocket):
     from specvlm_hf.bench.prompts import load_prompts, render_batch
 
+    from specvlm_hf.demo import choose_dtype, target_linear_shapes
+
     if not probe_exact_verification("cpu", torch.bfloat16, hidden_size=576).exact:
         pytest.skip("this machine's bf16 kernels fail the exactness probe")
+    choice = choose_dtype("auto", "cpu", target_linear_shapes(None))  # the pocket VLM's own projection shapes too
+    if choice.dtype != torch.bfloat16:
+        pytest.skip(f"bf16 speculation is not bitwise exact for the pocket VLM here: {choice.reason}")
     target, processor = pocket
     target = copy.deepcopy(target).to(torch.bfloat16)
     draft = load_pocket_draft(target)
