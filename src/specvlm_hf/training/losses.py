@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..generation.acceptance import greedy_token_ids
+
 __all__ = [
     "chain_acceptance_length",
     "gate_entropy",
@@ -108,12 +110,11 @@ def top1_agreement(
     Returns:
         `torch.BoolTensor` of shape `(...)`.
     """
-    # `max(...).indices` is argmax with the same first-index tie rule, about 5x faster on CPU (bf16 and fp32): over a
-    # (N, 49k) teacher row block argmax was 9% of a training step
-    draft_choice = draft_logits.max(dim=-1).indices
+    # argmax's tie rule at a fraction of its CPU cost: over a (N, 49k) teacher row block argmax was 9% of a step
+    draft_choice = greedy_token_ids(draft_logits)
     if draft_to_target is not None:
         draft_choice = draft_to_target.to(draft_choice.device)[draft_choice]
-    return draft_choice == teacher_logits.max(dim=-1).indices
+    return draft_choice == greedy_token_ids(teacher_logits)
 
 
 def chain_acceptance_length(agreement: torch.Tensor, mask: torch.Tensor, max_depth: int) -> torch.Tensor:
