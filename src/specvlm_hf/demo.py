@@ -79,26 +79,26 @@ def require_pocket(feature: str, alternative: str | None = None) -> None:
         raise PocketNotInstalledError(missing, feature, alternative)
 
 
-def positive_int(value: str) -> int:
-    """`argparse` type: an integer >= 1."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
+def _int_at_least(minimum: int, description: str):
+    """An `argparse` type accepting integers >= `minimum`; errors read "expected a <description>, got '<value>'"."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = None
+        if number is None or number < minimum:
+            raise argparse.ArgumentTypeError(f"expected a {description}, got {value!r}")
+        return number
+
+    parse.__name__ = description.replace(" ", "_").replace("-", "_")  # argparse names the type in some messages
+    return parse
 
 
-def non_negative_int(value: str) -> int:
-    """`argparse` type: an integer >= 0."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value!r}")
-    return number
+#: `argparse` type: an integer >= 1.
+positive_int = _int_at_least(1, "positive integer")
+#: `argparse` type: an integer >= 0.
+non_negative_int = _int_at_least(0, "non-negative integer")
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
