@@ -5,7 +5,8 @@ Pieces: [`load_prompts`] / [`render_batch`] (the JSONL prompt format), [`build_m
 [`calibrate`] / [`choose_tree_budget`] (tree budget from measured costs and a pilot), [`run_benchmark`] (interleaved
 timed calls and aggregation, group by group, skipping the [`record_key`]s already measured), the exactness audit
 ([`PlainReference`], [`find_divergences`], [`measure_noise_floor`] in `specvlm_hf.bench.exactness`), [`write_results`]
-(`results.json`, `meta.json`, `results.md`, `results.png`), and the command line in `specvlm_hf.bench.cli`
+(`results.json`, `meta.json`, `results.md`, `results.png`), the acceptance ceiling under sampling
+([`sampling_ceiling`] in `specvlm_hf.bench.ceiling`), and the command line in `specvlm_hf.bench.cli`
 (`specvlm bench --help`).
 """
 
@@ -19,6 +20,7 @@ from .calibration import (
     choose_tree_budget,
     predict_speedup,
 )
+from .ceiling import SamplingCeiling, sampling_ceiling
 from .exactness import PlainReference, find_divergences, measure_noise_floor
 from .methods import METHODS, Method, TreeSettings, build_methods
 from .prompts import BenchPrompt, load_prompts, render_batch
@@ -34,6 +36,7 @@ __all__ = [
     "CostCurve",
     "Method",
     "PlainReference",
+    "SamplingCeiling",
     "TreeChoice",
     "TreeSettings",
     "build_methods",
@@ -47,5 +50,6 @@ __all__ = [
     "record_key",
     "render_batch",
     "run_benchmark",
+    "sampling_ceiling",
     "write_results",
 ]
