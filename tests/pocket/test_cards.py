@@ -14,7 +14,12 @@ from specvlm_hf import SpecVLMDraftModel
 from specvlm_hf.hub import CARD_TAGS, card_measurements
 from specvlm_hf.pocket.build import _model_card
 from specvlm_hf.pocket.draft import DRAFT_DIR
-from specvlm_hf.pocket.train_draft import DRAFT_PROVENANCE_FILE, write_draft_card
+from specvlm_hf.pocket.train_draft import (
+    DRAFT_PROVENANCE_FILE,
+    _record_command,
+    portable_command,
+    write_draft_card,
+)
 from specvlm_hf.testing.tiny_models import build_tiny_target
 
 SPEEDUP_SETUP = "specvlm bench, 2-core CPU, bfloat16, batch 1, T=0"
@@ -52,7 +57,11 @@ def _pocket_provenance(trained: bool = True) -> dict:
 
 def _draft_provenance(epochs: int = 2) -> dict:
     return {
-        "command": "specvlm pocket train-draft --num-threads 2",
+        "command": "specvlm pocket train-draft --epochs 2 --resume --num-threads 2 --work-dir /tmp/w",
+        "commands": [
+            "specvlm pocket train-draft --epochs 1 --num-threads=2 --work-dir /tmp/w --output-dir /tmp/o",
+            "specvlm pocket train-draft --epochs 2 --resume --num-threads 2 --work-dir /tmp/w",
+        ],
         "recipe": {
             "seed": 1,
             "epochs": epochs,
@@ -122,7 +131,11 @@ def test_shipped_draft_card(tiny_draft, tmp_path):
         in card
     )
     assert "draft = load_pocket_draft(target)" in card and "AutoModel.from_pretrained" not in card
-    assert "Reproduce with `specvlm pocket train-draft --num-threads 2`." in card
+    # every call that trained it, in order, without the machine-specific folders and thread counts
+    assert (
+        "Reproduce with `specvlm pocket train-draft --epochs 1 && specvlm pocket train-draft --epochs 2 --resume`."
+        in card
+    )
     assert "10,000 training records, 24 held out" in card and "| seconds per epoch | 100, 100 |" in card
     assert "| extra |" not in card  # empty recipe entries are left out
     assert "## Framework versions\n\n- specvlm-hf: 0.1.0\n- torch: 2.13.0+cpu\n" in card  # the training's versions
@@ -141,4 +154,23 @@ def test_committed_shipped_draft_card_matches_its_provenance():
     last = [row for row in provenance["evaluations"] if row.get("eval_mean_accept_len") is not None][-1]
     assert card_measurements(metadata)["mean_acceptance_length"] == round(last["eval_mean_accept_len"], 3)
     assert ModelCard(card).data.eval_results  # huggingface_hub reads the results back
-    assert "<!-- specvlm-hf:start -->" in card and f"Reproduce with `{provenance['command']}`." in card
+    commands = provenance.get("commands") or [provenance["command"]]
+    assert "<!-- specvlm-hf:start -->" in card
+    assert f"Reproduce with `{' && '.join(portable_command(command) for command in commands)}`." in card
+    assert "/root/" not in card and "--work-dir" not in card  # no path of the machine it was trained on
+
+
+def test_commands_of_a_resumed_run_are_kept_in_order(tmp_path):
+    assert _record_command(tmp_path, "specvlm pocket train-draft --epochs 1", resume=False) == [
+        "specvlm pocket train-draft --epochs 1"
+    ]
+    assert _record_command(tmp_path, "specvlm pocket train-draft --epochs 2 --resume", resume=True) == [
+        "specvlm pocket train-draft --epochs 1", "specvlm pocket train-draft --epochs 2 --resume",
+    ]
+    # a fresh run in the same folder starts the history over
+    assert _record_command(tmp_path, "specvlm pocket train-draft", resume=False) == ["specvlm pocket train-draft"]
+
+
+def test_portable_command_drops_only_the_machine_flags():
+    command = "specvlm pocket train-draft --work-dir '/a b/c' --ttt-steps 2 --output-dir=/o --num-threads 1 --resume"
+    assert portable_command(command) == "specvlm pocket train-draft --ttt-steps 2 --resume"

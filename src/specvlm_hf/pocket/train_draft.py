@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -79,7 +80,12 @@ def corpus_training_file(work_dir: str | Path, corpus_dir: str | Path | None = N
         [`~specvlm_hf.errors.UserFileNotFoundError`] when there is neither a local corpus nor a committed one.
     """
     from ..errors import UserFileNotFoundError
-    from .corpus import COMMITTED_ANSWERS, default_corpus_dir, materialize_images, read_answers
+    from .corpus import (
+        COMMITTED_ANSWERS,
+        default_corpus_dir,
+        materialize_images,
+        read_answers,
+    )
 
     work_dir = Path(work_dir)
     corpus_dir = Path(corpus_dir) if corpus_dir is not None else default_corpus_dir()
@@ -281,7 +287,11 @@ def train_pocket_draft(
     """
     from ..demo import choose_dtype
     from ..models import SpecVLMDraftModel
-    from ..training import OnlineDistillationConfig, OnlineDistillationTrainer, build_draft_vocab
+    from ..training import (
+        OnlineDistillationConfig,
+        OnlineDistillationTrainer,
+        build_draft_vocab,
+    )
     from ..training.data import DistillationDataset
     from .build import load_pocket_vlm
 
@@ -296,6 +306,7 @@ def train_pocket_draft(
         raise UserValueError(
             f"{trainer_dir} holds checkpoints of an earlier run: pass --resume to continue it, or delete the folder"
         )
+    commands = _record_command(work_dir, command or "specvlm pocket train-draft", resume)
     teacher_dtype = choose_dtype(recipe.teacher_dtype)
     target, processor = load_pocket_vlm(dtype=teacher_dtype.dtype)
     exact_target, _ = load_pocket_vlm(dtype=torch.float32)  # the per-epoch acceptance is measured in fp32
@@ -383,6 +394,7 @@ def train_pocket_draft(
     corpus_meta = COMMITTED_ANSWERS.parent / "corpus_meta.json"
     provenance = {
         "command": command or "specvlm pocket train-draft",
+        "commands": commands,
         "recipe": asdict(recipe),
         "teacher_dtype": str(teacher_dtype.dtype).removeprefix("torch."),
         "teacher_dtype_reason": teacher_dtype.reason,
@@ -414,6 +426,41 @@ def train_pocket_draft(
     (output_dir / DRAFT_PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
     write_draft_card(draft, output_dir, provenance)
     return output_dir
+
+
+COMMANDS_FILE = "commands.jsonl"
+# flags that say where files go and how many threads run, not what is trained: left out of the card's command
+_MACHINE_FLAGS = ("--work-dir", "--output-dir", "--corpus-dir", "--num-threads")
+
+
+def _record_command(work_dir: Path, command: str, resume: bool) -> list[str]:
+    """
+    Appends `command` to `work_dir/commands.jsonl` and returns every command that shaped the run in that folder, in
+    order: a fresh run starts the list over, a `--resume` continues it (so a draft trained in several calls records
+    all of them).
+    """
+    path = work_dir / COMMANDS_FILE
+    previous = []
+    if resume and path.is_file():
+        previous = [json.loads(line)["command"] for line in path.read_text().splitlines() if line.strip()]
+    lines = [*previous, command]
+    path.write_text("".join(json.dumps({"command": line}) + "\n" for line in lines))
+    return lines
+
+
+def portable_command(command: str) -> str:
+    """`command` without the flags that only say where files go or how many threads run ([`_MACHINE_FLAGS`])."""
+    words, kept, skip = shlex.split(command), [], False
+    for word in words:
+        if skip:
+            skip = False
+            continue
+        name = word.split("=", 1)[0]
+        if name in _MACHINE_FLAGS:
+            skip = "=" not in word
+            continue
+        kept.append(word)
+    return shlex.join(kept)
 
 
 def write_draft_card(
@@ -487,6 +534,8 @@ def write_draft_card(
             "draft = load_pocket_draft(target)\n"
             "out = target.generate(**demo_inputs(processor), assistant_model=draft, max_new_tokens=96)  # same tokens"
         ),
-        reproduce=provenance.get("command"),
+        reproduce=" && ".join(
+            portable_command(line) for line in provenance.get("commands") or [provenance.get("command")] if line
+        ) or None,
         framework_versions=provenance.get("package_versions"),
     )
