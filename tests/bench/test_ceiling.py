@@ -37,11 +37,13 @@ def test_ranks_are_the_sampled_tokens_ranks_under_teacher_forcing():
     torch.manual_seed(0)
     target = build_tiny_target("llama").eval()
     inputs = {"input_ids": torch.tensor([[1, 5, 9, 14, 3]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
-    ranks = sampled_token_ranks(target, inputs, temperature=1.0, max_new_tokens=12, seed=3, top_k=0, top_p=1.0)
+    ranks, tokens = sampled_token_ranks(
+        target, inputs, temperature=1.0, max_new_tokens=12, seed=3, top_k=0, top_p=1.0
+    )
     torch.manual_seed(3)
     plain = target.generate(**inputs, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=12)
     emitted = plain[0, 5:]
-    assert len(ranks) == emitted.shape[0]
+    assert tokens == emitted.tolist()  # plain sampling's own tokens, same seed
     with torch.no_grad():
         logits = target(plain, attention_mask=torch.ones_like(plain)).logits[0, 4:-1].float()
     expected = (logits > logits.gather(1, emitted.view(-1, 1))).sum(1).tolist()
@@ -53,9 +55,11 @@ def test_greedy_like_sampling_has_every_token_at_rank_zero():
     torch.manual_seed(0)
     target = build_tiny_target("llama").eval()
     inputs = {"input_ids": torch.tensor([[1, 5, 9]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
-    assert set(sampled_token_ranks(target, inputs, temperature=1.0, max_new_tokens=8, top_k=1)) == {0}
-    with pytest.raises(UserValueError, match="temperature > 0"):
-        sampled_token_ranks(target, inputs, temperature=0.0, max_new_tokens=8)
+    assert set(sampled_token_ranks(target, inputs, temperature=1.0, max_new_tokens=8, top_k=1)[0]) == {0}
+    ranks, tokens = sampled_token_ranks(target, inputs, temperature=0.0, max_new_tokens=8)  # greedy
+    assert set(ranks) == {0} and tokens == target.generate(**inputs, do_sample=False, max_new_tokens=8)[0, 3:].tolist()
+    with pytest.raises(UserValueError, match=">= 0"):
+        sampled_token_ranks(target, inputs, temperature=-1.0, max_new_tokens=8)
 
 
 def test_sampling_ceiling_on_a_tiny_vlm(tmp_path):
@@ -76,7 +80,15 @@ def test_sampling_ceiling_on_a_tiny_vlm(tmp_path):
         assert ceiling.mean_accept_len[(4, depth)] <= ceiling.mean_accept_len[(10_000, depth)] <= depth + 1
     assert ceiling.to_dict()["mean_accept_len"]["k4_d3"] == ceiling.mean_accept_len[(4, 3)]
     table = ceiling.to_markdown()
-    assert table.count("\n") == 4 and "depth 3" in table
+    assert table.count("\n") == 4 and "depth 3" in table and ceiling.in_draft_vocab is None
+
+    # a draft vocabulary of every id covers everything; an empty one nothing
+    everything = sampling_ceiling(target, build_tiny_processor(), prompts, ks=(1,), depths=(1,), max_new_tokens=6,
+                                  progress=False, draft_vocab=torch.arange(target.config.get_text_config().vocab_size))
+    assert everything.in_draft_vocab == 1.0 and "inside the draft's vocabulary: 1.000" in everything.to_markdown()
+    nothing = sampling_ceiling(target, build_tiny_processor(), prompts, ks=(1,), depths=(1,), max_new_tokens=6,
+                               progress=False, draft_vocab=torch.tensor([-1]))
+    assert nothing.in_draft_vocab == 0.0
 
 
 def test_the_example_script_writes_its_table(tiny_bench_assets, tmp_path, capsys):
@@ -90,8 +102,10 @@ def test_the_example_script_writes_its_table(tiny_bench_assets, tmp_path, capsys
     out = tmp_path / "ceiling"
     assert example.main([
         "--target", str(tiny_bench_assets["target"]), "--prompts", str(tiny_bench_assets["prompts"]),
-        "--ks", "1", "8", "--depths", "2", "--max-new-tokens", "5", "--out", str(out),
+        "--draft", str(tiny_bench_assets["draft"]), "--ks", "1", "8", "--depths", "2", "--max-new-tokens", "5",
+        "--out", str(out),
     ]) == 0
     record = json.loads((out / "ceiling.json").read_text())
     assert record["prompts"] == 3 and set(record["mean_accept_len"]) == {"k1_d2", "k8_d2"}
+    assert record["in_draft_vocab"] is None  # the tiny draft has the full head: it can propose every id
     assert "| 8 |" in (out / "ceiling.md").read_text() and "| 8 |" in capsys.readouterr().out

@@ -78,6 +78,8 @@ class SamplingCeiling:
         top_k_hit_rate (`dict[int, float]`): share of sampled tokens among the target's `k` most likely ones.
         mean_accept_len (`dict[tuple[int, int], float]`): `(k, depth)` -> tokens per cycle, bonus included, of a
             perfect complete `k`-ary tree of that depth.
+        in_draft_vocab (`float`, *optional*): share of the same tokens inside a draft's reduced vocabulary, when one
+            was given (tokens outside it can never be proposed).
     """
 
     temperature: float
@@ -86,6 +88,7 @@ class SamplingCeiling:
     prompt_tokens: list[int] = field(default_factory=list)
     top_k_hit_rate: dict[int, float] = field(default_factory=dict)
     mean_accept_len: dict[tuple[int, int], float] = field(default_factory=dict)
+    in_draft_vocab: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (`mean_accept_len` keyed `"k{k}_d{depth}"`)."""
@@ -96,6 +99,7 @@ class SamplingCeiling:
             "prompt_tokens": list(self.prompt_tokens),
             "top_k_hit_rate": {str(k): rate for k, rate in self.top_k_hit_rate.items()},
             "mean_accept_len": {f"k{k}_d{depth}": value for (k, depth), value in self.mean_accept_len.items()},
+            "in_draft_vocab": self.in_draft_vocab,
         }
 
     def to_markdown(self) -> str:
@@ -108,6 +112,8 @@ class SamplingCeiling:
         for k in sorted(self.top_k_hit_rate):
             cells = [f"{self.mean_accept_len[(k, d)]:.2f}" for d in depths]
             lines.append(f"| {k} | {self.top_k_hit_rate[k]:.3f} | " + " | ".join(cells) + " |")
+        if self.in_draft_vocab is not None:
+            lines += ["", f"Emitted tokens inside the draft's vocabulary: {self.in_draft_vocab:.3f}"]
         return "\n".join(lines)
 
 
@@ -115,35 +121,38 @@ class SamplingCeiling:
 def sampled_token_ranks(
     target: Any, inputs: dict[str, torch.Tensor], *, temperature: float, max_new_tokens: int, seed: int = 0,
     **generate_kwargs: Any,
-) -> list[int]:
+) -> tuple[list[int], list[int]]:
     """
-    Samples one continuation with plain `target.generate` and returns each emitted token's rank in the distribution
-    it was drawn from (after the logits processors: temperature, top-k, top-p), 0 = the most likely token.
+    Samples one continuation with plain `target.generate` (greedy at `temperature=0`) and returns each emitted
+    token's rank in the distribution it was drawn from (after the logits processors: temperature, top-k, top-p),
+    0 = the most likely token.
 
     Args:
         target: the target model.
         inputs (`dict[str, torch.Tensor]`): one prompt's inputs (batch 1).
-        temperature (`float`): sampling temperature (> 0).
+        temperature (`float`): sampling temperature; 0 decodes greedily (every rank is then 0).
         max_new_tokens (`int`): tokens to sample.
         seed (`int`, *optional*, defaults to 0): `torch.manual_seed` before sampling.
-        **generate_kwargs: further sampling arguments (e.g. `top_k=0, top_p=1.0`).
+        **generate_kwargs: further sampling arguments (e.g. `top_k=0, top_p=1.0`; ignored at temperature 0).
 
     Returns:
-        `list[int]`: one rank per emitted token, the first token included.
+        `tuple[list[int], list[int]]`: the rank of every emitted token (the first included), and the tokens.
     """
-    if temperature <= 0:
-        raise UserValueError(f"the sampling ceiling needs temperature > 0, got {temperature} (at 0 it is depth + 1)")
+    if temperature < 0:
+        raise UserValueError(f"temperature must be >= 0, got {temperature}")
     if inputs["input_ids"].shape[0] != 1:
         raise UserValueError(f"sampled_token_ranks takes one prompt (batch 1), got {inputs['input_ids'].shape[0]}")
     torch.manual_seed(seed)
+    sampling = {"do_sample": True, "temperature": temperature, **generate_kwargs} if temperature > 0 else {
+        "do_sample": False
+    }
     out = target.generate(
-        **inputs, do_sample=True, temperature=temperature, max_new_tokens=max_new_tokens,
-        return_dict_in_generate=True, output_scores=True, **generate_kwargs,
+        **inputs, max_new_tokens=max_new_tokens, return_dict_in_generate=True, output_scores=True, **sampling
     )
     emitted = out.sequences[0, inputs["input_ids"].shape[1]:]
     scores = torch.cat(out.scores, dim=0)[: emitted.shape[0]].float()  # (new tokens, vocab), processed logits
     chosen = scores.gather(1, emitted.view(-1, 1))
-    return (scores > chosen).sum(dim=1).tolist()
+    return (scores > chosen).sum(dim=1).tolist(), emitted.tolist()
 
 
 def sampling_ceiling(
@@ -157,6 +166,7 @@ def sampling_ceiling(
     max_new_tokens: int = 128,
     seed: int = 0,
     progress: bool = True,
+    draft_vocab: torch.Tensor | None = None,
     **generate_kwargs: Any,
 ) -> SamplingCeiling:
     """
@@ -167,12 +177,16 @@ def sampling_ceiling(
         processor: its processor (or tokenizer for text-only targets).
         prompts (`Sequence[BenchPrompt]`): the prompts ([`load_prompts`]); each is sampled once, batch 1, with seed
             `seed + index` (as `specvlm_hf.pocket.train_draft.bench_acceptance` seeds its sampled runs).
-        temperature (`float`, *optional*, defaults to 1.0): sampling temperature.
+        temperature (`float`, *optional*, defaults to 1.0): sampling temperature (0: greedy, where the ceiling is
+            `depth + 1` by construction and only `in_draft_vocab` says something).
         ks (`Iterable[int]`, *optional*): children per node to evaluate.
         depths (`Iterable[int]`, *optional*): tree depths to evaluate.
         max_new_tokens (`int`, *optional*, defaults to 128): cap on each prompt's own `max_new_tokens`.
         seed (`int`, *optional*, defaults to 0): base seed.
         progress (`bool`, *optional*, defaults to `True`): a progress bar over prompts.
+        draft_vocab (`torch.LongTensor` of shape `(draft_vocab_size,)`, *optional*): target ids a draft can propose
+            (a reduced head's `d2t` map); the share of emitted tokens outside it is a further limit on acceptance,
+            reported as `in_draft_vocab`.
         **generate_kwargs: further sampling arguments; the default is pure sampling (`top_k=0, top_p=1.0`).
 
     Returns:
@@ -185,20 +199,24 @@ def sampling_ceiling(
     ks, depths = sorted(set(ks)), sorted(set(depths))
     generate_kwargs = {"top_k": 0, "top_p": 1.0, **generate_kwargs}
     parameter = next(target.parameters())
-    sequences = []
+    sequences, emitted = [], []
     for index, prompt in enumerate(tqdm(prompts, desc="Sampling", disable=not progress)):
         inputs = render_batch(processor, [prompt], parameter.device, parameter.dtype)
-        ranks = sampled_token_ranks(
+        ranks, tokens = sampled_token_ranks(
             target, inputs, temperature=temperature, max_new_tokens=min(prompt.max_new_tokens, max_new_tokens),
             seed=seed + index, **generate_kwargs,
         )
         sequences.append(ranks[1:])  # the first token comes from the prefill, outside any cycle
+        emitted.extend(tokens[1:])
     tokens = sum(len(ranks) for ranks in sequences)
     if tokens == 0:
         raise UserValueError("every prompt stopped after one token: nothing to measure")
     ceiling = SamplingCeiling(
         temperature=temperature, prompts=len(sequences), tokens=tokens, prompt_tokens=[len(r) for r in sequences]
     )
+    if draft_vocab is not None:
+        proposable = set(draft_vocab.view(-1).tolist())
+        ceiling.in_draft_vocab = sum(token in proposable for token in emitted) / tokens
     for k in ks:
         ceiling.top_k_hit_rate[k] = sum(rank < k for ranks in sequences for rank in ranks) / tokens
         for depth in depths:
