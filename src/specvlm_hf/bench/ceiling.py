@@ -1,21 +1,25 @@
 """
-Acceptance ceilings under sampling: how many tokens per cycle a *perfect* draft could get accepted at temperature
-`T`, given nothing but the target's own entropy.
+Acceptance ceilings under sampling: how many tokens per cycle a *perfect* deterministic draft could get accepted at
+temperature `T` with this library's acceptance rule, given nothing but the target's own entropy.
 
 At `T = 0` a perfect draft accepts its whole depth every cycle (the bench's `oracle` method measures what the loop
-makes of that). Under sampling it cannot: the loop samples the target's token at every tree node and descends only if
-that token is one of the node's children ("sample then descend", `specvlm_hf.generation.acceptance`), so even a
-draft whose children at every node are exactly the target's own `k` most likely tokens is accepted at a depth only
-when the sampled token falls among them. The ceiling therefore follows from plain sampling alone:
+makes of that). Under sampling it cannot: the loop's drafts propose fixed children (the draft's top-k), and the loop
+samples the target's token at every tree node and descends only if that token is one of the node's children ("sample
+then descend", `specvlm_hf.generation.acceptance`). So even a draft whose children at every node are exactly the
+target's own `k` most likely tokens is accepted at a depth only when the sampled token falls among them. The ceiling
+therefore follows from plain sampling alone:
 
 1. sample the target's continuation as plain `generate` does (same processors, same seed);
 2. for every emitted token, its rank in the distribution it was sampled from (0 = the most likely token);
 3. replay the cycles of a perfect, *complete* `k`-ary tree of depth `d` over that sequence: a cycle accepts the run
    of consecutive tokens whose rank is below `k` (at most `d`), then one more token (the bonus).
 
-Tokens per cycle of step 3 bound the `mean_accept_len` of every draft with at most `k` children per node and depth
-`d`, whatever its node budget (real trees hold far fewer than `k ** d` nodes, so they stay below it). Ties are
-counted in the draft's favour (a token tied with the `k`-th is a hit).
+Tokens per cycle of step 3 bound the `mean_accept_len` of every deterministic draft with at most `k` children per
+node and depth `d` under this rule, whatever its node budget (real trees hold far fewer than `k ** d` nodes, so they
+stay below it). Ties are counted in the draft's favour (a token tied with the `k`-th is a hit). The bound does not
+apply to *stochastic* drafting (children drawn from the draft's distribution `q`, accepted with probability
+`min(1, p / q)`, SpecInfer-style), where a draft with `q = p` would accept its whole depth at any temperature; the
+library does not implement that rule.
 
 ```python
 from specvlm_hf.bench.ceiling import sampling_ceiling
