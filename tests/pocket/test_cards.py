@@ -16,7 +16,6 @@ from specvlm_hf.pocket.build import _model_card
 from specvlm_hf.pocket.draft import DRAFT_DIR
 from specvlm_hf.pocket.train_draft import (
     DRAFT_PROVENANCE_FILE,
-    _record_command,
     portable_command,
     write_draft_card,
 )
@@ -158,17 +157,6 @@ def test_committed_shipped_draft_card_matches_its_provenance():
     assert "<!-- specvlm-hf:start -->" in card
     assert f"Reproduce with `{' && '.join(portable_command(command) for command in commands)}`." in card
     assert "/root/" not in card and "--work-dir" not in card  # no path of the machine it was trained on
-
-
-def test_commands_of_a_resumed_run_are_kept_in_order(tmp_path):
-    assert _record_command(tmp_path, "specvlm pocket train-draft --epochs 1", resume=False) == [
-        "specvlm pocket train-draft --epochs 1"
-    ]
-    assert _record_command(tmp_path, "specvlm pocket train-draft --epochs 2 --resume", resume=True) == [
-        "specvlm pocket train-draft --epochs 1", "specvlm pocket train-draft --epochs 2 --resume",
-    ]
-    # a fresh run in the same folder starts the history over
-    assert _record_command(tmp_path, "specvlm pocket train-draft", resume=False) == ["specvlm pocket train-draft"]
 
 
 def test_portable_command_drops_only_the_machine_flags():

@@ -12,10 +12,17 @@ from PIL import Image
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from specvlm_hf import SpecVLMDraftModel
-from specvlm_hf.pocket.draft import load_pocket_draft
 from specvlm_hf.errors import UserValueError
 from specvlm_hf.pocket.corpus import self_distill_corpus
-from specvlm_hf.pocket.train_draft import epoch_acceptance, plot_acceptance_curve, split_records
+from specvlm_hf.pocket.draft import load_pocket_draft
+from specvlm_hf.pocket.train_draft import (
+    EPOCH_SECONDS_FILE,
+    _EpochTimer,
+    _record_command,
+    epoch_acceptance,
+    plot_acceptance_curve,
+    split_records,
+)
 from specvlm_hf.testing.tiny_models import build_tiny_target
 from specvlm_hf.testing.tiny_processors import build_tiny_processor
 
@@ -133,3 +140,27 @@ def test_train_draft_flags_reach_the_recipe(monkeypatch):
     assert (recipe.train_records, recipe.ttt_steps, recipe.ttt_decay) == (100, 2, 0.7)
     assert (recipe.lambda_logit, recipe.lambda_feat, recipe.target_layer_ids) == (1.0, 0.5, [2, 15, -1])
     assert (recipe.teacher_dtype, recipe.evaluations_per_epoch, recipe.seed) == ("float32", 1, 9)
+
+
+def test_commands_of_a_resumed_run_are_kept_in_order(tmp_path):
+    assert _record_command(tmp_path, "specvlm pocket train-draft --epochs 1", resume=False) == [
+        "specvlm pocket train-draft --epochs 1"
+    ]
+    assert _record_command(tmp_path, "specvlm pocket train-draft --epochs 2 --resume", resume=True) == [
+        "specvlm pocket train-draft --epochs 1", "specvlm pocket train-draft --epochs 2 --resume",
+    ]
+    # a fresh run in the same folder starts the history over
+    assert _record_command(tmp_path, "specvlm pocket train-draft", resume=False) == ["specvlm pocket train-draft"]
+
+
+def test_epoch_seconds_survive_a_resume(tmp_path):
+    path = tmp_path / EPOCH_SECONDS_FILE
+    first = _EpochTimer(path)
+    first.on_epoch_begin(None, None, None)
+    first.on_epoch_end(None, None, None)
+    resumed = _EpochTimer(path, resume=True)
+    assert resumed.seconds == first.seconds and len(first.seconds) == 1
+    resumed.on_epoch_begin(None, None, None)
+    resumed.on_epoch_end(None, None, None)
+    assert len(json.loads(path.read_text())) == 2
+    assert _EpochTimer(path).seconds == [] and not path.exists()  # a fresh run starts over

@@ -35,6 +35,8 @@ from .draft import DRAFT_DIR
 logger = logging.getLogger(__name__)
 
 DRAFT_PROVENANCE_FILE = "draft_provenance.json"
+COMMANDS_FILE = "commands.jsonl"  # every call that trained the checkpoints of a work dir (see `_record_command`)
+EPOCH_SECONDS_FILE = "epoch_seconds.json"  # wall seconds of every finished epoch, across resumed calls
 POCKET_TARGET_NAME = "specvlm-hf pocket VLM (local build: specvlm pocket build)"
 @dataclass
 class PocketDraftRecipe:
@@ -150,10 +152,19 @@ def plot_acceptance_curve(rows: list[dict[str, Any]], path: str | Path, title: s
 
 
 class _EpochTimer(TrainerCallback):
-    """Records the wall time of every training epoch, evaluation excluded."""
+    """
+    Records the wall time of every training epoch, evaluation excluded, in `path` (JSON) as well, so that a resumed
+    run reports the epochs of its earlier calls too (`resume=True` keeps the file, a fresh run starts it over). An
+    epoch split across two calls counts only its part after the resume.
+    """
 
-    def __init__(self) -> None:
+    def __init__(self, path: Path | None = None, resume: bool = False) -> None:
+        self.path = path
         self.seconds: list[float] = []
+        if path is not None and resume and path.is_file():
+            self.seconds = [float(value) for value in json.loads(path.read_text())]
+        elif path is not None:
+            path.unlink(missing_ok=True)
         self._start = 0.0
         self._paused = 0.0
 
@@ -165,6 +176,8 @@ class _EpochTimer(TrainerCallback):
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self.seconds.append(time.perf_counter() - self._start - self._paused)
+        if self.path is not None:
+            self.path.write_text(json.dumps(self.seconds) + "\n")
 
 
 @torch.no_grad()
@@ -360,7 +373,7 @@ def train_pocket_draft(
         model=draft, teacher=target, args=args, train_dataset=train_set, eval_dataset=eval_set,
         processing_class=processor,
     )
-    timer = _EpochTimer()
+    timer = _EpochTimer(work_dir / EPOCH_SECONDS_FILE, resume=resume)
     bench = _BenchAcceptance(exact_target, processor, recipe, every, work_dir / "bench_acceptance.jsonl", timer)
     if not resume:
         (work_dir / "bench_acceptance.jsonl").unlink(missing_ok=True)
@@ -428,7 +441,6 @@ def train_pocket_draft(
     return output_dir
 
 
-COMMANDS_FILE = "commands.jsonl"
 # flags that say where files go and how many threads run, not what is trained: left out of the card's command
 _MACHINE_FLAGS = ("--work-dir", "--output-dir", "--corpus-dir", "--num-threads")
 
