@@ -20,11 +20,7 @@ from pathlib import Path
 
 import torch
 
-from specvlm_hf.bench.ceiling import (
-    DEFAULT_CEILING_DEPTHS,
-    DEFAULT_CEILING_KS,
-    sampling_ceiling,
-)
+from specvlm_hf.bench.ceiling import DEFAULT_CEILING_DEPTHS, DEFAULT_CEILING_KS, sampling_ceiling
 from specvlm_hf.bench.cli import load_draft, load_target
 from specvlm_hf.bench.prompts import DEFAULT_PROMPTS_PATH, load_prompts
 from specvlm_hf.bench.report import hardware_info, software_versions

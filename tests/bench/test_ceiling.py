@@ -7,11 +7,7 @@ import json
 import pytest
 import torch
 
-from specvlm_hf.bench.ceiling import (
-    ceiling_cycles,
-    sampled_token_ranks,
-    sampling_ceiling,
-)
+from specvlm_hf.bench.ceiling import ceiling_cycles, sampled_token_ranks, sampling_ceiling
 from specvlm_hf.bench.prompts import load_prompts
 from specvlm_hf.errors import UserValueError
 from specvlm_hf.testing.tiny_models import build_tiny_target

@@ -14,11 +14,7 @@ from specvlm_hf import SpecVLMDraftModel
 from specvlm_hf.hub import CARD_TAGS, card_measurements
 from specvlm_hf.pocket.build import _model_card
 from specvlm_hf.pocket.draft import DRAFT_DIR
-from specvlm_hf.pocket.train_draft import (
-    DRAFT_PROVENANCE_FILE,
-    portable_command,
-    write_draft_card,
-)
+from specvlm_hf.pocket.train_draft import DRAFT_PROVENANCE_FILE, portable_command, write_draft_card
 from specvlm_hf.testing.tiny_models import build_tiny_target
 
 SPEEDUP_SETUP = "specvlm bench, 2-core CPU, bfloat16, batch 1, T=0"

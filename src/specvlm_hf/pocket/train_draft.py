@@ -38,6 +38,8 @@ DRAFT_PROVENANCE_FILE = "draft_provenance.json"
 COMMANDS_FILE = "commands.jsonl"  # every call that trained the checkpoints of a work dir (see `_record_command`)
 EPOCH_SECONDS_FILE = "epoch_seconds.json"  # wall seconds of every finished epoch, across resumed calls
 POCKET_TARGET_NAME = "specvlm-hf pocket VLM (local build: specvlm pocket build)"
+
+
 @dataclass
 class PocketDraftRecipe:
     """Every knob of the shipped draft's recipe (saved in its provenance record).
@@ -82,12 +84,7 @@ def corpus_training_file(work_dir: str | Path, corpus_dir: str | Path | None = N
         [`~specvlm_hf.errors.UserFileNotFoundError`] when there is neither a local corpus nor a committed one.
     """
     from ..errors import UserFileNotFoundError
-    from .corpus import (
-        COMMITTED_ANSWERS,
-        default_corpus_dir,
-        materialize_images,
-        read_answers,
-    )
+    from .corpus import COMMITTED_ANSWERS, default_corpus_dir, materialize_images, read_answers
 
     work_dir = Path(work_dir)
     corpus_dir = Path(corpus_dir) if corpus_dir is not None else default_corpus_dir()
@@ -300,11 +297,7 @@ def train_pocket_draft(
     """
     from ..demo import choose_dtype
     from ..models import SpecVLMDraftModel
-    from ..training import (
-        OnlineDistillationConfig,
-        OnlineDistillationTrainer,
-        build_draft_vocab,
-    )
+    from ..training import OnlineDistillationConfig, OnlineDistillationTrainer, build_draft_vocab
     from ..training.data import DistillationDataset
     from .build import load_pocket_vlm
 
