@@ -131,10 +131,10 @@ def test_train_draft_flags_reach_the_recipe(monkeypatch):
         "train-draft", "--epochs", "1.5", "--learning-rate", "3e-4", "--batch-size", "4", "--draft-vocab-size", "4096",
         "--train-records", "100", "--ttt-steps", "2", "--ttt-decay", "0.7", "--lambda-logit", "1", "--lambda-feat",
         "0.5", "--target-layer-ids", "2", "15", "-1", "--teacher-dtype", "float32", "--evaluations-per-epoch", "1",
-        "--seed", "9", "--no-untrained-eval",
+        "--seed", "9", "--no-untrained-eval", "--overwrite-output",
     ]  # fmt: skip
     assert pocket_cli.main(flags) == 0
-    assert seen["measure_untrained"] is False
+    assert seen["measure_untrained"] is False and seen["overwrite_output"] is True
     recipe = seen["recipe"]
     assert (recipe.epochs, recipe.learning_rate, recipe.batch_size, recipe.draft_vocab_size) == (1.5, 3e-4, 4, 4096)
     assert (recipe.train_records, recipe.ttt_steps, recipe.ttt_decay) == (100, 2, 0.7)
@@ -164,3 +164,19 @@ def test_epoch_seconds_survive_a_resume(tmp_path):
     resumed.on_epoch_end(None, None, None)
     assert len(json.loads(path.read_text())) == 2
     assert _EpochTimer(path).seconds == [] and not path.exists()  # a fresh run starts over
+
+
+def test_a_trained_draft_in_the_output_dir_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    from specvlm_hf.pocket import train_draft
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the refusal")
+
+    monkeypatch.setattr("specvlm_hf.pocket.build.load_pocket_vlm", refuse)
+    out = tmp_path / "draft"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"trained")
+    with pytest.raises(UserValueError, match="already holds a trained draft: pass --overwrite-output"):
+        train_draft.train_pocket_draft(work_dir=tmp_path / "work", output_dir=out)
+    assert (out / "model.safetensors").read_bytes() == b"trained"
+    assert not (tmp_path / "work" / train_draft.COMMANDS_FILE).exists()  # refused before the run was recorded

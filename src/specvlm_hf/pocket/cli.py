@@ -133,6 +133,11 @@ def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
     draft.add_argument("--seed", type=int, default=recipe.seed, help=f"draft initialisation and data order (default: {recipe.seed})")
     draft.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the work dir")
     draft.add_argument(
+        "--overwrite-output", action="store_true",
+        help="replace a trained draft already in the output dir (refused otherwise, before any training; a --resume "
+        "run replaces it anyway: it continues the run that wrote it)",
+    )
+    draft.add_argument(
         "--no-untrained-eval", dest="measure_untrained", action="store_false",
         help="skip the acceptance measurement before training (it depends only on seed, draft shape and vocabulary)",
     )
@@ -270,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         print(train_pocket_draft(
             recipe, args.work_dir, args.output_dir or DRAFT_DIR, command, args.num_threads or None, resume=args.resume,
             corpus_dir=args.corpus_dir, measure_untrained=args.measure_untrained,
+            overwrite_output=args.overwrite_output,
         ))
         return 0
     if args.pocket_command == "build-corpus":

@@ -278,6 +278,7 @@ def train_pocket_draft(
     resume: bool = False,
     corpus_dir: str | Path | None = None,
     measure_untrained: bool = True,
+    overwrite_output: bool = False,
 ) -> Path:
     """
     Trains the shipped draft on the corpus and writes it (bf16 safetensors, config, model card),
@@ -290,7 +291,9 @@ def train_pocket_draft(
     they come. Trainer checkpoints are written at every evaluation point into `work_dir/trainer`; `resume=True`
     continues from the latest one. `corpus_dir` is the `specvlm pocket build-corpus` folder (default: the cache's;
     without a local corpus the committed one is used). `measure_untrained=False` skips the measurement before training
-    (2-4 min on a 2-core CPU; it depends only on the seed, the draft shape and the draft vocabulary).
+    (2-4 min on a 2-core CPU; it depends only on the seed, the draft shape and the draft vocabulary). A trained draft
+    already in `output_dir` is refused before anything runs unless `overwrite_output=True` or `resume=True` (a resumed
+    run continues the one that wrote it).
 
     Returns:
         `Path`: `output_dir`.
@@ -311,6 +314,11 @@ def train_pocket_draft(
     if not resume and any(trainer_dir.glob("checkpoint-*")):
         raise UserValueError(
             f"{trainer_dir} holds checkpoints of an earlier run: pass --resume to continue it, or delete the folder"
+        )
+    if not resume and not overwrite_output and (output_dir / "model.safetensors").is_file():
+        raise UserValueError(
+            f"{output_dir} already holds a trained draft: pass --overwrite-output to replace it, or choose another "
+            "--output-dir"
         )
     commands = _record_command(work_dir, command or "specvlm pocket train-draft", resume)
     teacher_dtype = choose_dtype(recipe.teacher_dtype)
