@@ -87,8 +87,9 @@ def run(
 
 
 if __name__ == "__main__":
+    from specvlm_hf.training.cli import finish_distributed
+
     torch.set_num_threads(1)
     data_path, out, size, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     trainer = run(data_path, out, size, steps, streaming=sys.argv[5:] == ["streaming"])
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()  # destroy the gloo group before interpreter shutdown (else a rank may abort)
+    finish_distributed(trainer)

@@ -483,11 +483,25 @@ def main(argv: list[str] | None = None) -> int:
         raise UserValueError(f"invalid flags: {_one_line(error)}") from error
     logging.basicConfig(level=logging.INFO if config.should_log else logging.WARNING)
     trainer = train(script_args, config)
-    # Finishes the trackers and, under `accelerate launch`, tears the process group down while Python is still whole:
-    # a gloo group left to interpreter shutdown can abort a rank ("terminate called without an active exception").
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
+    finish_distributed(trainer)
     return 0
+
+
+def finish_distributed(trainer: OnlineDistillationTrainer) -> None:
+    """
+    Ends a training run cleanly under `accelerate launch`: waits for every rank, drops the trainer's references to the
+    DDP-wrapped model and optimizer (their gloo work objects must die while the process group is alive), then finishes
+    the trackers and destroys the process group while Python is still whole. A gloo group or its pending work left to
+    interpreter shutdown can abort a rank ("terminate called without an active exception").
+    """
+    import gc
+
+    accelerator = trainer.accelerator
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None
+    gc.collect()
+    accelerator.end_training()
 
 
 if __name__ == "__main__":
