@@ -105,3 +105,25 @@ def test_calibrate_on_a_tiny_model():
     data = result.to_dict()
     assert data["chosen"] == {"tree_top_k": 4, "tree_depth": result.choice.depth,
                               "tree_total_tokens": result.choice.total_tokens}
+
+
+def test_calibration_passes_the_methods_loop_kwargs_to_every_speculative_call(monkeypatch):
+    """`loop_kwargs` (what the benchmarked method passes, e.g. `exact_verification`) reach every speculative call of
+    the calibration, so it times the verification path the method runs; plain calls get none."""
+    target = build_tiny_target("llama")
+    torch.manual_seed(1)
+    draft = SpecVLMDraftModel.from_target(target, tree_top_k=2, tree_depth=2)
+    inputs = [make_inputs("llama", target, with_image=False, seed=0)]
+    original, seen = type(target).generate, []
+
+    def spy(self, *args, **kwargs):
+        seen.append(("assistant_model" in kwargs, kwargs.get("exact_verification")))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(target), "generate", spy)
+    calibrate(target, draft, inputs, budgets=(2,), block_sizes=(1, 3), max_nodes=2, pilot_max_new_tokens=4,
+              repeats=1, loop_kwargs={"exact_verification": False})
+    speculative = [value for is_speculative, value in seen if is_speculative]
+    plain = [value for is_speculative, value in seen if not is_speculative]
+    assert len(speculative) >= 3 and set(speculative) == {False}
+    assert plain and set(plain) == {None}

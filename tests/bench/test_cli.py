@@ -356,3 +356,19 @@ def test_dtype_auto_is_the_default_and_recorded(tiny_bench_assets, tmp_path, mon
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["dtype"] == meta["settings"]["dtype"] == "float32"  # the resolved dtype, compared by --resume
     assert meta["dtype_reason"] == "auto on cpu: test policy" and meta["noise_floor"] is None
+
+
+def test_exact_verification_flag_reaches_the_specvlm_calls_and_the_settings(tiny_bench_assets, tmp_path):
+    from specvlm_hf.bench import cli as bench_cli
+
+    assert bench_cli.make_parser().parse_args([]).exact_verification == "auto"
+    small = ("--methods", "generate", "specvlm_tree", "--temperature", "0", "--repeats", "1", "--max-prompts", "1",
+             "--no-calibrate", "--no-noise-floor")
+    assert main(_args(tiny_bench_assets, tmp_path, *small, "--exact-verification", "on")) == 0
+    records = json.loads((tmp_path / "results.json").read_text())
+    tree = next(r for r in records if r["method"] == "specvlm_tree")
+    assert tree["exact_verification"] is True and tree["exact_match"] == 1.0  # on even in fp32 (auto: off)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["settings"]["exact_verification"] == "on"
+    code = main(_args(tiny_bench_assets, tmp_path, *small, "--exact-verification", "off", "--resume"))
+    assert code == 2  # --resume refuses records measured with another choice

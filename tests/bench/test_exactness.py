@@ -139,6 +139,23 @@ def test_oracle_records_per_depth_and_only_at_temperature_zero():
     assert not build_methods(["oracle"], oracle_depths=[3])[1].available  # nothing to route it through
 
 
+def test_exact_verification_choice_reaches_every_specvlm_method_only():
+    draft = object()
+    names = ["prompt_lookup", "specvlm_chain", "specvlm_tree", "oracle"]
+    for choice in (True, False):
+        methods = build_methods(names, draft=type("D", (), {"config": _DraftConfig()})(), oracle_draft=draft,
+                                oracle_depths=[2], exact_verification=choice)
+        assert {m.label: m.generate_kwargs.get("exact_verification") for m in methods} == {
+            "generate": None, "prompt_lookup": None, "specvlm_chain": choice, "specvlm_tree": choice,
+            "oracle:depth2": choice}
+    assert all("exact_verification" not in m.generate_kwargs
+               for m in build_methods(names, draft=type("D", (), {"config": _DraftConfig()})()))
+
+
+class _DraftConfig:
+    tree_top_k, tree_depth, tree_total_tokens = 4, 3, 8
+
+
 def test_record_keys_identify_oracle_depths():
     assert record_key({"method": "oracle", "oracle_depth": 4, "temperature": 0, "batch_size": 1}) == (
         "oracle", None, 4, 0.0, 1)

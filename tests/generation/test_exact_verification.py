@@ -177,8 +177,9 @@ def test_bf16_batch_of_four_is_bitwise_plain_decoding_in_one_forward(family, wit
 @needs_exact_kernels
 def test_linear_shapes_probe_routes_a_batch_row_by_row_where_it_fails(monkeypatch):
     """Where the target's GEMMs are row-invariant for one row's block but not for the batched forward's row count, the
-    rows are verified one after another, still exactly; where they fail already for one block, the exact attention
-    stays on (it removes the multi-token attention's rounding) and the batch is verified in one forward."""
+    rows are verified one after another, still exactly; where they fail already for one block, the automatic choice is
+    the fast path (the row-wise attention could not make verification bitwise), and `exact_verification=True` still
+    runs it, the batch in one forward."""
     from specvlm_hf.generation import loop
     from specvlm_hf.generation.exact_attention import ExactnessProbe, probe_linear_shapes
 
@@ -191,10 +192,12 @@ def test_linear_shapes_probe_routes_a_batch_row_by_row_where_it_fails(monkeypatc
     kwargs = dict(max_new_tokens=20, do_sample=False, return_dict_in_generate=True)
     plain = target.generate(**inputs, **kwargs)
     block = draft.config.tree_total_tokens + draft.config.tree_ngram_tokens + 1  # rows of one block
-    for limit, batched in ((block, False), (2, True)):
+    for limit, batched, requested in ((block, False, None), (2, True, True)):
         monkeypatch.setattr(loop, "probe_linear_shapes", lambda device, dtype, shapes, rows, limit=limit:
                             ExactnessProbe(rows <= limit, "" if rows <= limit else "not row-invariant"))
-        spec = target.generate(**inputs, assistant_model=draft, **kwargs)
+        spec = target.generate(**inputs, assistant_model=draft, exact_verification=requested, **kwargs)
         assert spec.speculation.exact_verification
         assert (spec.speculation.batched_forwards > 0) == batched
         assert spec.sequences.tolist() == plain.sequences.tolist()  # the real kernels here are row-invariant
+    auto = target.generate(**inputs, assistant_model=draft, **kwargs)  # the probe still fails from 3 rows on
+    assert not auto.speculation.exact_verification

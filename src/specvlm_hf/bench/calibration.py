@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -268,6 +268,7 @@ def measure_verify_costs(
     inputs: dict[str, torch.Tensor],
     block_sizes: Sequence[int] = DEFAULT_BLOCK_SIZES,
     repeats: int = 5,
+    loop_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[CostCurve, float]:
     """
     Times verification forwards of `m` query tokens (root included) inside the decoding loop, on the prompt of
@@ -276,6 +277,9 @@ def measure_verify_costs(
     generation (lazy LM head, exact attention where it applies). The value per size is the median of the call's
     verification forwards (`SpeculationStats.verify_seconds_per_forward`, the first one dropped as a warm-up). Also
     times plain decoding per token: plain `generate` for `repeats + 1` tokens minus plain `generate` for 1, per token.
+
+    `loop_kwargs` (e.g. `{"exact_verification": False}`) go to every speculative call, as the benchmarked method
+    passes them.
 
     Returns:
         `tuple[CostCurve, float]`: the verification cost curve and plain decoding's seconds per token.
@@ -292,7 +296,8 @@ def measure_verify_costs(
     decode_seconds = max(more_seconds - one_seconds, 1e-9) / steps
     seconds = []
     for size in block_sizes:
-        stats, _ = _loop_stats(target, draft, inputs, steps + 2, tree_drafter=FixedBlockDrafterFactory(size - 1, token))
+        stats, _ = _loop_stats(target, draft, inputs, steps + 2, tree_drafter=FixedBlockDrafterFactory(size - 1, token),
+                               **(loop_kwargs or {}))
         timed = stats.verify_seconds_per_forward
         seconds.append(statistics.median(timed[1:] if len(timed) > 1 else timed))
     return CostCurve(list(block_sizes), seconds), decode_seconds
@@ -332,12 +337,13 @@ def measure_draft_costs(
     depths: Sequence[int],
     top_k: int,
     repeats: int = 5,
+    loop_kwargs: Mapping[str, Any] | None = None,
 ) -> DraftCosts:
     """
     Times the draft's work per cycle at each tree depth inside the decoding loop (one generate call per depth, a
     fixed tree of that depth with `top_k`): the draft's seconds after its prefill (`draft_seconds -
     draft_prefill_seconds` of `out.speculation`) per verification cycle, i.e. catch-up + tree expansion as generation
-    runs them.
+    runs them; `loop_kwargs` go to every call.
 
     Returns:
         [`DraftCosts`] (catch-up included in `propose_seconds`, so `extend_seconds` is 0).
@@ -347,7 +353,7 @@ def measure_draft_costs(
     per_cycle = []
     for depth in depths:
         stats, _ = _loop_stats(target, draft, inputs, steps + 2, tree_top_k=top_k, tree_depth=depth,
-                               tree_total_tokens=64)
+                               tree_total_tokens=64, **(loop_kwargs or {}))
         cycles = max(stats.target_forwards, 1)
         per_cycle.append(max(stats.draft_seconds - stats.draft_prefill_seconds, 0.0) / cycles)
     if len(depths) > 1:
@@ -432,6 +438,7 @@ def calibrate(
     pilot_max_new_tokens: int = 64,
     repeats: int = 5,
     progress: Callable[[str], None] | None = None,
+    loop_kwargs: Mapping[str, Any] | None = None,
 ) -> CalibrationResult:
     """
     Measures costs and a pilot acceptance profile on `inputs_list` (batch-1 inputs; the first one is also used for
@@ -448,6 +455,9 @@ def calibrate(
         pilot_max_new_tokens (`int`, *optional*, defaults to 64): tokens per pilot run.
         repeats (`int`, *optional*, defaults to 5): timings per cost point (median).
         progress (`Callable[[str], None]`, *optional*): called with a short description before each stage.
+        loop_kwargs (`Mapping[str, Any]`, *optional*): extra `generate` keyword arguments of every speculative call,
+            those the benchmarked method passes (e.g. `{"exact_verification": False}`), so the calibration times the
+            verification path the method runs.
 
     Returns:
         [`CalibrationResult`].
@@ -463,9 +473,10 @@ def calibrate(
     sizes = sorted({int(s) for s in block_sizes if 1 <= s <= max_nodes + 1} | {1, max_nodes + 1})
 
     say("calibration: target forward cost by query tokens")
-    verify_curve, decode_seconds = measure_verify_costs(target, draft, inputs_list[0], sizes, repeats)
+    verify_curve, decode_seconds = measure_verify_costs(target, draft, inputs_list[0], sizes, repeats, loop_kwargs)
     say("calibration: draft cost by depth")
-    draft_costs = measure_draft_costs(target, draft, inputs_list[0], range(1, pilot_depth + 1), top_k, repeats)
+    draft_costs = measure_draft_costs(target, draft, inputs_list[0], range(1, pilot_depth + 1), top_k, repeats,
+                                      loop_kwargs)
 
     common = {"max_new_tokens": pilot_max_new_tokens, "do_sample": False}
     plain_seconds = plain_tokens = 0.0
@@ -493,7 +504,7 @@ def calibrate(
         for inputs, ttft in zip(inputs_list, ttfts):
             out, seconds = _timed_generate(
                 target, inputs, device, assistant_model=draft, return_dict_in_generate=True, tree_top_k=top_k,
-                tree_depth=pilot_depth, tree_total_tokens=budget, **common,
+                tree_depth=pilot_depth, tree_total_tokens=budget, **common, **(loop_kwargs or {}),
             )
             stats = stats.merge(out.speculation)
             decode_seconds_total += max(seconds - ttft, 0.0)

@@ -86,7 +86,7 @@ TRUNCATED_PREFIX = "truncated:"
 RESUME_SETTINGS = (
     "target", "draft", "compressor_drafts", "assistant", "device", "dtype", "attn_implementation", "prompts_file",
     "num_prompts", "max_new_tokens", "cap_new_tokens", "repeats", "top_k", "top_p", "seed", "chain_depth",
-    "prompt_lookup_num_tokens", "num_assistant_tokens", "num_threads", "calibrate",
+    "prompt_lookup_num_tokens", "num_assistant_tokens", "num_threads", "calibrate", "exact_verification",
 )
 
 
@@ -151,6 +151,11 @@ def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
     models.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
                         help="model dtype (default: auto = bfloat16 where the device has native bf16 matrix units, "
                         "AVX512-BF16/AMX on CPUs, and the exact-verification probe passes; float32 otherwise)")
+    models.add_argument("--exact-verification", choices=["auto", "on", "off"], default="auto",
+                        help="exact verification of the SpecVLM methods (generate(..., exact_verification=)): auto = "
+                        "the loop's choice (on for bf16/fp16 CPUs where it makes greedy output bitwise plain "
+                        "decoding's), on = the row-wise attention even where it cannot (fewer differences, slower), "
+                        "off = the fast path (default: auto)")
     models.add_argument("--attn-implementation", default=None,
                         help="attention of a --target (SpecVLM drafts need sdpa or eager; default: transformers' "
                         "choice, sdpa where the model supports it)")
@@ -366,6 +371,11 @@ def _load_pocket(dtype: torch.dtype, device: str, want_draft: bool):
     return target, processor, draft
 
 
+def _exact_kwargs(choice: str) -> dict[str, bool]:
+    """`generate` keyword arguments of `--exact-verification` (`auto`: none, the loop's choice)."""
+    return {} if choice == "auto" else {"exact_verification": choice == "on"}
+
+
 def _run_settings(args: argparse.Namespace, prompts_file: Path, num_prompts: int,
                   variant_specs: list[tuple[str, str]]) -> dict[str, Any]:
     """The flags that decide what a record measures (compared by `--resume`, see [`RESUME_SETTINGS`])."""
@@ -390,6 +400,7 @@ def _run_settings(args: argparse.Namespace, prompts_file: Path, num_prompts: int
         "num_assistant_tokens": args.num_assistant_tokens,
         "num_threads": args.num_threads,
         "calibrate": args.calibrate,
+        "exact_verification": args.exact_verification,
     }
 
 
@@ -663,6 +674,7 @@ def _measure(
             calibration = calibrate(
                 target, knob_source, pilot, budgets=args.pilot_budgets, max_nodes=args.max_tree_nodes,
                 pilot_max_new_tokens=args.pilot_max_new_tokens, repeats=args.calibration_repeats,
+                loop_kwargs=_exact_kwargs(args.exact_verification),
                 progress=None if args.no_progress else (lambda message: print(f"[specvlm bench] {message}",
                                                                              file=sys.stderr)),
             )
@@ -678,6 +690,7 @@ def _measure(
         names, draft=draft, compressor_drafts=compressor_drafts, assistant=assistant, assistant_note=assistant_note,
         tree=tree, chain_depth=args.chain_depth, prompt_lookup_num_tokens=args.prompt_lookup_num_tokens,
         num_assistant_tokens=args.num_assistant_tokens, oracle_draft=oracle_draft, oracle_depths=oracle_depths,
+        exact_verification=_exact_kwargs(args.exact_verification).get("exact_verification"),
     )
     labels = [m.label for m in methods]
     meta["methods"] = [m.name for m in methods]

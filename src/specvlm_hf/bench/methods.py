@@ -216,6 +216,7 @@ def build_methods(
     num_assistant_tokens: int | None = None,
     oracle_draft: Any = None,
     oracle_depths: Sequence[int] = DEFAULT_ORACLE_DEPTHS,
+    exact_verification: bool | None = None,
 ) -> list[Method]:
     """
     Builds the methods to benchmark; `generate` is always included (first) because every ratio is relative to it.
@@ -236,6 +237,8 @@ def build_methods(
         oracle_draft (`SpecVLMDraftModel`, *optional*): the draft that routes the `oracle` calls (default: `draft`);
             its weights are never used.
         oracle_depths (`Sequence[int]`, *optional*, defaults to `(2, 4, 6, 8)`): one `oracle` method per depth.
+        exact_verification (`bool`, *optional*): `generate(..., exact_verification=)` of every SpecVLM method
+            (default: not passed, the loop's automatic choice).
 
     Returns:
         `list[Method]`.
@@ -304,4 +307,8 @@ def build_methods(
                     name, {"assistant_model": variant_draft, **tree.as_kwargs()}, tree=tree,
                     note=_compressor_note(variant_draft), variant=variant,
                 ))
+    if exact_verification is not None:
+        for method in methods:
+            if method.is_specvlm and method.available:
+                method.generate_kwargs["exact_verification"] = bool(exact_verification)
     return methods

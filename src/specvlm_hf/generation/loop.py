@@ -452,9 +452,12 @@ def _use_exact_verification(target: "PreTrainedModel", generation_config: "Gener
                             ) -> bool:
     """
     Whether verification runs the exact row-wise attention (`exact_attention.py`): `exact_verification=True/False`
-    per call, else automatically on CPUs where the target runs SDPA in bf16/fp16 and the kernels pass the probe. When
-    the target's own linear layers are not row-invariant for every row count up to `block_rows`
-    (`probe_linear_shapes`), verification is not bitwise plain decoding's even so, which is said once.
+    per call, else automatically on CPUs where the target runs SDPA in bf16/fp16, the kernels pass the probe and the
+    target's own linear layers are row-invariant for every row count up to `block_rows` (`probe_linear_shapes`), i.e.
+    where it makes verification bitwise plain decoding's. Where the linear layers are not, the row-wise attention
+    cannot give that guarantee and costs one attention call per node and layer (about 2x the verification forward in
+    bf16 on a 2-core AVX512-BF16 CPU), so the automatic choice is the fast path, said once; `exact_verification=True`
+    still runs it (it removes the multi-token attention's rounding, not the GEMMs').
     """
     requested = getattr(generation_config, "exact_verification", None)
     text_config = target.config.get_text_config()
@@ -478,12 +481,19 @@ def _use_exact_verification(target: "PreTrainedModel", generation_config: "Gener
     if probe.exact and dtype in (torch.bfloat16, torch.float16):
         linear = probe_linear_shapes(device, dtype, _linear_shapes(target), block_rows)
         if not linear.exact:
-            # the exact attention still removes the main source of differences (multi-token SDPA), so it stays on
+            if requested:
+                logger.warning_once(
+                    f"exact_verification=True: {linear.reason} on this machine, so a {dtype} verification forward "
+                    "can still round some rows differently from one-token decoding; greedy output can differ from "
+                    "plain generate at (rare) near-tie tokens. float32 avoids it. See the README's 'Lossless' section."
+                )
+                return True
             logger.warning_once(
-                f"exact verification: {linear.reason} on this machine, so a {dtype} verification forward can still "
-                "round some rows differently from one-token decoding; greedy output can differ from plain generate "
-                "at (rare) near-tie tokens. float32 avoids it. See the README's 'Lossless' section."
+                f"{dtype} greedy output may differ from plain generate at near-tie tokens on this machine "
+                f"({linear.reason}), so verification runs the fast path; exact_verification=True runs the row-wise "
+                "attention anyway (fewer differences, slower), float32 avoids them. See the README's 'Lossless' section."
             )
+            return False
     if requested and not probe.exact:
         logger.warning_once(f"exact_verification=True on a machine whose kernels fail the probe ({probe.reason}): "
                             "verification runs row by row but may still round differently from plain decoding.")
