@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import pytest
 
@@ -112,6 +113,44 @@ def test_aggregate_ratios_acceptance_and_exact_match():
     assert by["specvlm_tree", 1.0]["identical_to_generate"] == 0.5
     assert tree["tokens_per_s"] == pytest.approx(8 / 1.0) and tree["peak_memory_mib"] == pytest.approx(100.0)
     assert tree["peak_memory_increase_mib"] == pytest.approx(1.0)
+
+
+def test_speedup_on_identical_calls_is_like_for_like():
+    """Only calls whose output equals plain generate's count; a diverging call that ran long or short does not."""
+    methods = [Method("generate"), Method("prompt_lookup")]
+    runs = [_run("generate", 0.0, unit, 0, 2.0, [[5, 6, 7]], 3) for unit in (0, 1, 2)]
+    runs += [_run("prompt_lookup", 0.0, 0, 0, 1.0, [[5, 6, 7]], 2),  # identical, 2x
+             _run("prompt_lookup", 0.0, 1, 0, 0.25, [[5, 9]], 2),  # diverged and stopped early: not counted
+             _run("prompt_lookup", 0.0, 2, 0, 0.5, [[5, 6, 7]], 2)]  # identical, 4x
+    by = {r["method"]: r for r in aggregate(runs, methods, [0.0], 1, {})}
+    lookup = by["prompt_lookup"]
+    assert lookup["speedup"] == pytest.approx(6.0 / 1.75)
+    assert lookup["speedup_identical_calls"] == pytest.approx(4.0 / 1.5) and lookup["identical_calls"] == 2
+    assert by["generate"]["speedup_identical_calls"] == 1.0 and by["generate"]["identical_calls"] == 3
+    assert lookup["call_seconds"] == [[0, 0, 1.0, 2.0, True], [0, 1, 0.25, 2.0, False], [0, 2, 0.5, 2.0, True]]
+    sampled = aggregate([dataclasses.replace(r, temperature=1.0) for r in runs], methods, [1.0], 1, {})
+    assert sampled[1]["speedup_identical_calls"] is None and sampled[1]["identical_calls"] is None
+    assert [call[4] for call in sampled[1]["call_seconds"]] == [None, None, None]
+
+
+def test_like_for_like_compares_methods_on_the_calls_all_reproduced():
+    from specvlm_hf.bench.report import common_identical_speedups, render_markdown
+
+    methods = [Method("generate"), Method("prompt_lookup"), Method("specvlm_chain")]
+    runs = [_run("generate", 0.0, unit, 0, 2.0, [[5, 6, 7]], 3) for unit in (0, 1, 2)]
+    runs += [_run("prompt_lookup", 0.0, 0, 0, 1.0, [[5, 6, 7]], 2), _run("prompt_lookup", 0.0, 1, 0, 0.5, [[5, 6, 7]], 2),
+             _run("prompt_lookup", 0.0, 2, 0, 0.1, [[5, 1]], 2)]
+    runs += [_run("specvlm_chain", 0.0, 0, 0, 0.5, [[5, 6, 7]], 2), _run("specvlm_chain", 0.0, 1, 0, 0.1, [[5, 9]], 2),
+             _run("specvlm_chain", 0.0, 2, 0, 1.0, [[5, 6, 7]], 2)]
+    records = aggregate(runs, methods, [0.0], 1, {})
+    common, total, speedups = common_identical_speedups(records)[1]
+    assert (common, total) == (1, 3)  # only call 0 is identical for every method
+    assert speedups == {"generate": 1.0, "prompt_lookup": pytest.approx(2.0), "specvlm_chain": pytest.approx(4.0)}
+    assert common_identical_speedups([r for r in records if r["method"] == "generate"]) == {}  # nothing diverged
+    for r in records:
+        r["divergences"] = []
+    text = render_markdown(records, {"dtype": "bfloat16"})
+    assert "on the 1 of 3 calls that every method reproduced exactly" in text and "specvlm_chain 4.00×" in text
 
 
 def test_aggregate_keeps_methods_that_did_not_run():

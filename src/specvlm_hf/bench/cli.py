@@ -47,7 +47,11 @@ token, the target's top-2 logit margin there), and in bfloat16/float16 the noise
 `specvlm_hf.bench.exactness`. The `oracle` method replays plain `generate`'s own output through the tree loop (a
 perfect draft) for each `--oracle-depths` value and reports the bound `mean_accept_len * t_token / t_verify` with
 `fraction_of_bound`; see `specvlm_hf.bench.methods` and `specvlm_hf.bench.runner.oracle_bound`. Every SpecVLM record
-carries `time_fractions` (target forwards / draft / the loop's own time) and `exact_verification`.
+carries `time_fractions` (target forwards / draft / the loop's own time) and `exact_verification`
+(`--exact-verification auto|on|off` sets it for every SpecVLM method and for the calibration's calls). Where outputs
+differ (reduced-precision near-ties), a diverged call can run longer or shorter than plain `generate`'s, so records
+also carry `speedup_identical_calls` (the speedup over only the calls with identical output, a like-for-like ratio)
+and `speedup_tokens_per_s`; `results.md` shows both in its exactness section.
 
 What is measured and how (interleaved repetitions, time to first token, peak memory) is described in
 `specvlm_hf.bench.runner`; the tree calibration (cost curve + pilot on the first prompts at temperature 0, argmax of

@@ -30,6 +30,7 @@ from .methods import record_label
 
 __all__ = [
     "CONVENTIONS",
+    "common_identical_speedups",
     "hardware_info",
     "plot_results",
     "prepare_output_dir",
@@ -51,6 +52,9 @@ CONVENTIONS = {
     "max_new_tokens=1, median over repetitions) from both; a method's own prefill extras stay in its time",
     "speedup_tokens_per_s": "method tokens/s / plain generate tokens/s (differs from speedup when outputs differ in "
     "length, e.g. with sampling)",
+    "speedup_identical_calls": "at temperature 0: speedup over only the calls whose output equals plain generate's "
+    "(identical_calls of calls), the like-for-like ratio when some outputs differ (reduced precision near-ties); "
+    "results.md also compares every method on the calls that all of them reproduced exactly",
     "mean_accept_len": "tokens emitted per target verification forward, bonus token included (1.0 = no draft token "
     "accepted); SpecVLM methods from out.speculation; transformers methods at batch size 1 from a forward counter: "
     "(new tokens - 1) / (target forwards - 1)",
@@ -301,14 +305,59 @@ def _exactness_section(records: list[dict], meta: dict) -> list[str]:
             "Rows not token-identical to plain generate (its logits give the margin: top-1 minus top-2 logit at the "
             "first differing token).",
             "",
-            "| Method | Batch | Exact match | Diverging rows | First differences (prompt: token, margin) |",
-            "|---|---|---|---|---|",
+            "| Method | Batch | Exact match | Diverging rows | Speedup on identical calls | Speedup by tokens/s "
+            "| First differences (prompt: token, margin) |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in audited:
             detail = _divergence_list(r["divergences"]) if r["divergences"] else "–"
+            like = r.get("speedup_identical_calls")
+            like = f"{like:.2f}× ({r.get('identical_calls')} of {r.get('calls')} calls)" if like else "–"
+            by_rate = r.get("speedup_tokens_per_s")
             lines.append(f"| {record_label(r)} | {r['batch_size']} | {_fmt(r.get('exact_match'))} "
-                         f"| {len(r['divergences'])} | {detail} |")
+                         f"| {len(r['divergences'])} | {like} | {f'{by_rate:.2f}×' if by_rate else '–'} | {detail} |")
         lines.append("")
+        lines += _common_identical_lines(audited)
+    return lines
+
+
+def common_identical_speedups(records: list[dict]) -> dict[int, tuple[int, int, dict[str, float]]]:
+    """
+    Per batch size, the like-for-like comparison of temperature-0 records whose outputs differ on some calls: over the
+    calls that EVERY method reproduced exactly (`call_seconds`), each method's summed plain seconds / summed own
+    seconds.
+
+    Returns:
+        `dict[int, tuple[int, int, dict[str, float]]]`: batch size -> (common calls, calls, speedup by record label);
+        only batch sizes where some method diverged on some call.
+    """
+    out = {}
+    for batch in sorted({r["batch_size"] for r in records}):
+        group = [r for r in records if r["batch_size"] == batch and r.get("temperature") == 0.0 and r.get("call_seconds")]
+        if not group or all(all(call[4] for call in r["call_seconds"]) for r in group):
+            continue
+        keys = [{(call[0], call[1]) for call in r["call_seconds"] if call[4]} for r in group]
+        common = set.intersection(*keys)
+        every = set.union(*[{(call[0], call[1]) for call in r["call_seconds"]} for r in group])
+        speedups = {}
+        for r in group:
+            mine = [call for call in r["call_seconds"] if (call[0], call[1]) in common]
+            own = sum(call[2] for call in mine)
+            if own > 0:
+                speedups[record_label(r)] = sum(call[3] for call in mine) / own
+        out[batch] = (len(common), len(every), speedups)
+    return out
+
+
+def _common_identical_lines(records: list[dict]) -> list[str]:
+    lines = []
+    for batch, (common, total, speedups) in common_identical_speedups(records).items():
+        if not common:
+            lines += [f"Batch size {batch}: no call was reproduced exactly by every method.", ""]
+            continue
+        listed = ", ".join(f"{label} {value:.2f}×" for label, value in speedups.items())
+        lines += [f"Like for like, batch size {batch}: on the {common} of {total} calls that every method reproduced "
+                  f"exactly, speedup over plain generate: {listed}.", ""]
     return lines
 
 

@@ -666,7 +666,11 @@ def aggregate(
         `speedup`, `decode_speedup`, `speedup_tokens_per_s`, `seconds`, `generate_seconds`, `new_tokens`,
         `tokens_per_s`, `ttft_seconds`, `mean_accept_len`, `mean_accept_len_no_bonus`, `acceptance_per_depth`,
         `target_forwards`, `exact_match`, `exact_match_per_row` (at temperature 0, one bool per row of every paired
-        call: equal to plain `generate`'s row), `identical_to_generate`, `divergences` (a list at temperature 0 with
+        call: equal to plain `generate`'s row), `identical_to_generate`, `speedup_identical_calls` and
+        `identical_calls` (at temperature 0: the speedup over only the calls whose every row equals plain `generate`'s,
+        a like-for-like ratio when some outputs differ in length, and how many calls that is), `call_seconds` (per
+        paired call: `[repeat, unit, method seconds, plain seconds, identical]`, `identical` `None` when sampling),
+        `divergences` (a list at temperature 0 with
         `references`, else `None`), `peak_memory_mib`, `peak_memory_increase_mib`, `peak_memory_kind`, `calls`,
         `tree_top_k`, `tree_depth`, `tree_total_tokens`; for SpecVLM methods (`None` / `{}` otherwise) the per-prompt
         draft prefill costs of [`draft_prefill_costs`] (`draft_prefill_ms`, `draft_prefill_tokens`,
@@ -710,6 +714,7 @@ def aggregate(
                     ("speedup", "decode_speedup", "speedup_tokens_per_s", "seconds", "generate_seconds", "new_tokens",
                      "tokens_per_s", "ttft_seconds", "mean_accept_len", "mean_accept_len_no_bonus",
                      "acceptance_per_depth", "target_forwards", "exact_match", "identical_to_generate",
+                     "speedup_identical_calls", "identical_calls", "call_seconds",
                      "divergences", "peak_memory_mib", "peak_memory_increase_mib", "calls")
                 ))
                 record["peak_memory_kind"] = memory_kind
@@ -722,6 +727,7 @@ def aggregate(
             plain_tokens = sum(p.new_tokens for _, p in paired)
             rows = [(a, b) for r, p in paired for a, b in zip(r.outputs, p.outputs)]
             identical = sum(a == b for a, b in rows) / len(rows) if rows else None
+            same = [(r, p) for r, p in paired if list(r.outputs) == list(p.outputs)]
             accept = accept_no_bonus = per_depth = stats = None
             if method.is_specvlm:
                 stats = SpeculationStats()
@@ -768,6 +774,11 @@ def aggregate(
                 exact_match=identical if temperature == 0 else None,
                 exact_match_per_row=[a == b for a, b in rows] if temperature == 0 else None,
                 identical_to_generate=identical,
+                speedup_identical_calls=(_ratio(sum(p.seconds for _, p in same), sum(r.seconds for r, _ in same))
+                                         if temperature == 0 and same else None),
+                identical_calls=len(same) if temperature == 0 else None,
+                call_seconds=[[r.repeat, r.unit, r.seconds, p.seconds,
+                               list(r.outputs) == list(p.outputs) if temperature == 0 else None] for r, p in paired],
                 divergences=(find_divergences(((r.unit, r.outputs) for r, _ in paired), references, batch_size)
                              if temperature == 0 and references else None),
                 peak_memory_mib=max(r.peak_memory_bytes for r, _ in paired) / 2**20,
