@@ -375,9 +375,9 @@ def _load_pocket(dtype: torch.dtype, device: str, want_draft: bool):
     return target, processor, draft
 
 
-def _exact_kwargs(choice: str) -> dict[str, bool]:
-    """`generate` keyword arguments of `--exact-verification` (`auto`: none, the loop's choice)."""
-    return {} if choice == "auto" else {"exact_verification": choice == "on"}
+def _exact_choice(choice: str) -> bool | None:
+    """`generate(..., exact_verification=)` of `--exact-verification` (`auto`: `None`, the loop's choice)."""
+    return None if choice == "auto" else choice == "on"
 
 
 def _run_settings(args: argparse.Namespace, prompts_file: Path, num_prompts: int,
@@ -658,6 +658,7 @@ def _measure(
     )
 
     tree = None
+    exact = _exact_choice(args.exact_verification)
     # the draft whose knobs (calibrated or from its config) every tree method uses: the main draft, else the first
     # compressor variant
     knob_source = draft if draft is not None else next(iter(compressor_drafts.values()), None)
@@ -678,7 +679,7 @@ def _measure(
             calibration = calibrate(
                 target, knob_source, pilot, budgets=args.pilot_budgets, max_nodes=args.max_tree_nodes,
                 pilot_max_new_tokens=args.pilot_max_new_tokens, repeats=args.calibration_repeats,
-                loop_kwargs=_exact_kwargs(args.exact_verification),
+                loop_kwargs={} if exact is None else {"exact_verification": exact},
                 progress=None if args.no_progress else (lambda message: print(f"[specvlm bench] {message}",
                                                                              file=sys.stderr)),
             )
@@ -694,7 +695,7 @@ def _measure(
         names, draft=draft, compressor_drafts=compressor_drafts, assistant=assistant, assistant_note=assistant_note,
         tree=tree, chain_depth=args.chain_depth, prompt_lookup_num_tokens=args.prompt_lookup_num_tokens,
         num_assistant_tokens=args.num_assistant_tokens, oracle_draft=oracle_draft, oracle_depths=oracle_depths,
-        exact_verification=_exact_kwargs(args.exact_verification).get("exact_verification"),
+        exact_verification=exact,
     )
     labels = [m.label for m in methods]
     meta["methods"] = [m.name for m in methods]

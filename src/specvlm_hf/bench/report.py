@@ -333,7 +333,8 @@ def common_identical_speedups(records: list[dict]) -> dict[int, tuple[int, int, 
     """
     out = {}
     for batch in sorted({r["batch_size"] for r in records}):
-        group = [r for r in records if r["batch_size"] == batch and r.get("temperature") == 0.0 and r.get("call_seconds")]
+        group = [r for r in records
+                 if r["batch_size"] == batch and r.get("temperature") == 0.0 and r.get("call_seconds")]
         if not group or all(all(call[4] for call in r["call_seconds"]) for r in group):
             continue
         keys = [{(call[0], call[1]) for call in r["call_seconds"] if call[4]} for r in group]

@@ -727,7 +727,8 @@ def aggregate(
             plain_tokens = sum(p.new_tokens for _, p in paired)
             rows = [(a, b) for r, p in paired for a, b in zip(r.outputs, p.outputs)]
             identical = sum(a == b for a, b in rows) / len(rows) if rows else None
-            same = [(r, p) for r, p in paired if list(r.outputs) == list(p.outputs)]
+            call_identical = [list(r.outputs) == list(p.outputs) for r, p in paired]
+            same = [pair for pair, equal in zip(paired, call_identical) if equal]
             accept = accept_no_bonus = per_depth = stats = None
             if method.is_specvlm:
                 stats = SpeculationStats()
@@ -777,8 +778,8 @@ def aggregate(
                 speedup_identical_calls=(_ratio(sum(p.seconds for _, p in same), sum(r.seconds for r, _ in same))
                                          if temperature == 0 and same else None),
                 identical_calls=len(same) if temperature == 0 else None,
-                call_seconds=[[r.repeat, r.unit, r.seconds, p.seconds,
-                               list(r.outputs) == list(p.outputs) if temperature == 0 else None] for r, p in paired],
+                call_seconds=[[r.repeat, r.unit, r.seconds, p.seconds, equal if temperature == 0 else None]
+                              for (r, p), equal in zip(paired, call_identical)],
                 divergences=(find_divergences(((r.unit, r.outputs) for r, _ in paired), references, batch_size)
                              if temperature == 0 and references else None),
                 peak_memory_mib=max(r.peak_memory_bytes for r, _ in paired) / 2**20,
