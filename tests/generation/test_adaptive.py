@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -44,6 +46,37 @@ def test_a_good_draft_on_cheap_verification_keeps_the_full_tree():
           verify_fn=lambda n: 0.04 + 0.00001 * n, gain=1.0, predicted=4.0)
     assert sizer.depth == 5
     assert sizer.budget(torch.log(torch.linspace(0.9, 0.2, 40))) == 24
+
+
+def test_an_ngram_branch_that_keeps_being_accepted_shrinks_the_draft_tree():
+    """The n-gram branch's acceptance rate `p` is learnt from cycles; the draft's expected tokens then count only when
+    the branch's first token fails (`1 - p`), so a reliable branch shrinks the draft's tree and depth; without
+    evidence (`p = 0`), or in a cycle without a candidate, the rule is the draft-only one."""
+    def fed(ngram: bool) -> AdaptiveTreeSizer:
+        sizer = AdaptiveTreeSizer(max_depth=5, max_nodes=24)
+        for c in range(30):
+            sizer.expect_ngram(10 if ngram else 0)
+            if ngram:
+                sizer.observe_ngram(10, 10 if c % 10 else 4)  # almost always accepted whole
+            _feed(sizer, 1, nodes_fn=lambda _, c=c: 24 if c % 2 == 0 else 6, accepted_fn=lambda _: 4,
+                  verify_fn=lambda n: 0.04 + 0.0008 * n, gain=0.6, predicted=4.0)
+        return sizer
+
+    scores = torch.log(torch.linspace(0.9, 0.05, 40))
+    plain, repeating = fed(False), fed(True)
+    assert repeating.ngram_accept_rate == pytest.approx(0.985, abs=0.01)
+    repeating.expect_ngram(10)
+    assert repeating.ngram_gain > 8.0
+    assert repeating.budget(scores) < plain.budget(scores) and repeating.depth < plain.depth
+    repeating.expect_ngram(0)  # a cycle without a candidate: the draft-only rule, whatever was learnt of the branch
+    unaware = dataclasses.replace(repeating, _ngram_hits=0.0, _ngram_trials=0.0)
+    assert repeating.ngram_gain == 0.0 and repeating.budget(scores) == unaware.budget(scores)
+    assert plain.budget(scores) > 1
+    fresh = AdaptiveTreeSizer(max_depth=5, max_nodes=24)
+    fresh.expect_ngram(10)
+    assert fresh.ngram_accept_rate == 0.0 and fresh.ngram_gain == 0.0  # no evidence yet
+    fresh.observe_ngram(0, 0)  # no candidate: nothing learnt
+    assert fresh.ngram_accept_rate == 0.0
 
 
 def test_verify_cost_fit_recovers_a_line():

@@ -20,6 +20,14 @@ def test_candidate_follows_the_latest_longest_match():
     assert ngram_candidate(torch.tensor([3, 9, 3]), 4).tolist() == [9, 3]
 
 
+def test_matched_prefix_counts_the_leading_agreement():
+    from specvlm_hf.generation.ngram import matched_prefix
+
+    assert matched_prefix([5, 6, 7], [5, 6, 9, 7]) == 2
+    assert matched_prefix([5, 6, 7], [5, 6, 7, 8]) == 3
+    assert matched_prefix([5, 6, 7], [4]) == 0 and matched_prefix([], [4]) == 0
+
+
 def test_merge_shares_existing_prefixes_and_appends_the_rest():
     tree = DraftTree.from_parents(torch.tensor([10, 11, 12]), torch.tensor([0, 1, 0]), torch.tensor([-0.1, -0.5, -0.9]))
     merged = merge_branch(tree, torch.tensor([10, 11, 13, 14]))

@@ -15,6 +15,14 @@ The rule (documented once, here):
 * **Depth**: when the deepest level's expected contribution, in seconds saved (`c * sum exp(score)` of its kept nodes
   times the time per emitted token), is worth less than one draft step, the next tree is one level shallower; when it
   is worth more than two steps, one level deeper (between 1 and `tree_depth`).
+* **The n-gram branch** (`ngram.py`) is modelled as a chain whose tokens are each accepted with probability `p` given
+  their predecessor: `p` = accepted n-gram tokens / n-gram tokens tested, exponential moving averages over the cycles
+  so far (0 before any evidence, so a call starts as if the branch predicted nothing). A cycle whose candidate has `L`
+  tokens expects `G = p + p^2 + ... + p^L` tokens from it. The draft's nodes and the branch are alternatives below the
+  root, so the draft's expected tokens count only when the branch's first token fails: the node rule maximises
+  `(1 + G + (1 - p) * c * S_N) / (cost(N + L))` and the depth rule weighs the deepest level by `(1 - p)` too. On
+  text the context repeats, the draft's tree thus shrinks while the branch carries the cycle (prompt lookup's regime);
+  elsewhere `p` stays near 0 and nothing changes.
 
 A draft that accepts nothing thus shrinks to a one-level tree of a few nodes (costing little), and a good draft grows
 its tree. Greedy output and the sampling law do not depend on the tree's shape, so the adaptation is lossless.
@@ -54,11 +62,43 @@ class AdaptiveTreeSizer:
     _fit: list[float] = field(default_factory=lambda: [0.0] * 5)  # weighted n, x, y, xx, xy
     _predicted: float = 0.0
     _realised: float = 0.0
+    _ngram_hits: float = 0.0  # accepted n-gram tokens (moving sum)
+    _ngram_trials: float = 0.0  # n-gram tokens tested: accepted ones + the first rejected one (moving sum)
+    ngram_tokens: int = 0  # length of this cycle's n-gram candidate (`expect_ngram`)
 
     def __post_init__(self):
         self.depth = self.depth or self.max_depth
 
     # ------------------------------------------------------------------------------------------------------------
+    @property
+    def ngram_accept_rate(self) -> float:
+        """`p`: probability that an n-gram token is accepted given its predecessor was (0 without evidence)."""
+        return self._ngram_hits / self._ngram_trials if self._ngram_trials > 0 else 0.0
+
+    @property
+    def ngram_gain(self) -> float:
+        """Expected tokens from this cycle's n-gram candidate: `p + p^2 + ... + p^L`."""
+        p = self.ngram_accept_rate
+        return sum(p**j for j in range(1, self.ngram_tokens + 1))
+
+    def _draft_share(self) -> float:
+        """Weight of the draft's expected tokens: `1 - p` when this cycle has an n-gram candidate, else 1."""
+        return 1.0 - self.ngram_accept_rate if self.ngram_tokens else 1.0
+
+    def expect_ngram(self, tokens: int) -> None:
+        """Announces this cycle's n-gram candidate length (0: none), before the draft's tree is sized."""
+        self.ngram_tokens = int(tokens)
+
+    def observe_ngram(self, tokens: int, matched: int) -> None:
+        """
+        Records how far this cycle's n-gram candidate of `tokens` tokens agreed with the emitted tokens (`matched`
+        leading tokens, `0 <= matched <= tokens`).
+        """
+        if tokens <= 0:
+            return
+        self._ngram_hits = DECAY * self._ngram_hits + matched
+        self._ngram_trials = DECAY * self._ngram_trials + matched + (1 if matched < tokens else 0)
+
     def verify_cost(self, nodes: torch.Tensor | float) -> torch.Tensor | float:
         """Modelled seconds of a verification forward over `nodes` draft nodes (+ the root)."""
         w, sx, sy, sxx, sxy = self._fit
@@ -79,7 +119,8 @@ class AdaptiveTreeSizer:
         gains = torch.sort(scores.float().exp(), descending=True).values[:cap].cumsum(0)
         n = torch.arange(1, cap + 1, dtype=torch.float32)
         fixed = self.depth * (self.step_seconds or 0.0) + self.loop_seconds
-        rate = (1.0 + self.calibration * gains) / (self.verify_cost(n) + fixed).clamp(min=1e-6)
+        expected = 1.0 + self.ngram_gain + self._draft_share() * self.calibration * gains
+        rate = expected / (self.verify_cost(n + self.ngram_tokens) + fixed).clamp(min=1e-6)
         return int(rate.argmax()) + 1
 
     def observe(
@@ -120,7 +161,7 @@ class AdaptiveTreeSizer:
         self.loop_seconds = other if self.cycles == 1 else DECAY * self.loop_seconds + (1 - DECAY) * other
         if self.cycles >= WARMUP_CYCLES and self.step_seconds:
             per_token = cycle_seconds / (accepted + 1)
-            worth = self.calibration * deepest_gain * per_token
+            worth = self._draft_share() * self.calibration * deepest_gain * per_token
             if worth < self.step_seconds and self.depth > 1:
                 self.depth -= 1
             elif worth > 2 * self.step_seconds and self.depth < self.max_depth:

@@ -305,11 +305,18 @@ class BatchedTreeDecoder:
         """Decodes until every row has stopped; `sequences[r, :lengths[r]]` is then row `r`'s output."""
         while self.rows:
             cycle_started = time.perf_counter()
-            trees = self.drafter.propose()
+            candidates: list[torch.Tensor | None] = [None] * len(self.rows)
             if self.ngram_tokens:
                 for i, row in enumerate(self.rows):
                     context = self.sequences[row, self.decoders[row].n_pad : self.lengths[row]]
-                    trees[i] = merge_branch(trees[i], ngram_candidate(context, self.ngram_tokens, self.ngram_max))
+                    candidates[i] = ngram_candidate(context, self.ngram_tokens, self.ngram_max)
+            for i, row in enumerate(self.rows):
+                if self.decoders[row].sizer is not None:
+                    self.decoders[row].sizer.expect_ngram(0 if candidates[i] is None else candidates[i].numel())
+            trees = self.drafter.propose()
+            for i, candidate in enumerate(candidates):
+                if candidate is not None:
+                    trees[i] = merge_branch(trees[i], candidate)
             width, tokens, parents, depths, ancestors = self._pad_trees(trees)
             row_index = torch.tensor(self.rows, device=self.device)
             last = torch.tensor([self.lengths[r] - 1 for r in self.rows], device=self.sequences.device)
@@ -390,10 +397,12 @@ class BatchedTreeDecoder:
                 features, next_tokens = features[keep_d], next_tokens[keep]
                 results = [results[i] for i in alive]
                 trees = [trees[i] for i in alive]
+                candidates = [candidates[i] for i in alive]
                 self.rows = [self.rows[i] for i in alive]
             self.drafter.extend(features, next_tokens.to(self.device), counts_t)
             for i, row in enumerate(self.rows):
                 decoder = self.decoders[row]
                 if decoder.sizer is not None:
                     decoder.drafter = self.drafter
-                    decoder._observe(trees[i], len(results[i][0]) - 1, verify_seconds, cycle_started)
+                    decoder._observe(trees[i], len(results[i][0]) - 1, verify_seconds, cycle_started, candidates[i],
+                                     results[i][1])

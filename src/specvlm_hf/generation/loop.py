@@ -46,7 +46,7 @@ from .cache_utils import (
 from .drafter import BatchedEagleTreeDrafter, EagleTreeDrafter, TreeKnobs
 from .adaptive import AdaptiveTreeSizer
 from .drafters import DrafterContext, EagleDrafterFactory
-from .ngram import merge_branch, ngram_candidate
+from .ngram import matched_prefix, merge_branch, ngram_candidate
 from .exact_attention import (
     RowwisePlan,
     exact_attention_selected,
@@ -338,9 +338,13 @@ class _RowDecoder:
         fast_greedy = not self.do_sample and len(self.logits_processor) == 0 and not (self.keep_scores or self.keep_logits)
         while True:
             cycle_started = time.perf_counter()
+            candidate = (ngram_candidate(ids[0, self.n_pad :], self.ngram_tokens, self.ngram_max)
+                         if self.ngram_tokens else None)
+            if self.sizer is not None:
+                self.sizer.expect_ngram(0 if candidate is None else candidate.numel())
             tree = self.drafter.propose()
-            if self.ngram_tokens:
-                tree = merge_branch(tree, ngram_candidate(ids[0, self.n_pad :], self.ngram_tokens, self.ngram_max))
+            if candidate is not None:
+                tree = merge_branch(tree, candidate)
             n_block = tree.num_nodes + 1
             block = torch.cat([ids[0, -1:].cpu(), tree.tokens]).view(1, -1).to(ids.device)
             padding: dict[str, torch.Tensor] | None = {} if self.exact else None
@@ -383,10 +387,14 @@ class _RowDecoder:
             self.drafter.extend(features[None], torch.tensor(emitted))
             self.next_position += len(emitted)
             if self.sizer is not None:
-                self._observe(tree, len(path) - 1, verify_seconds + logits.seconds, cycle_started)
+                self._observe(tree, len(path) - 1, verify_seconds + logits.seconds, cycle_started, candidate, emitted)
 
-    def _observe(self, tree, accepted: int, verify_seconds: float, cycle_started: float) -> None:
-        """Feeds one cycle's measurements to the adaptive tree rule (`adaptive.py`)."""
+    def _observe(self, tree, accepted: int, verify_seconds: float, cycle_started: float,
+                 candidate: torch.Tensor | None = None, emitted: list[int] | None = None) -> None:
+        """Feeds one cycle's measurements to the adaptive tree rule (`adaptive.py`), with how far the cycle's n-gram
+        `candidate` agreed with the `emitted` tokens."""
+        if candidate is not None and candidate.numel() and emitted is not None:
+            self.sizer.observe_ngram(candidate.numel(), matched_prefix(candidate.tolist(), emitted))
         gains = tree.scores.float().exp()
         node_depths = tree.depths[1:]
         # the deepest level the drafter expanded (0 when none of its nodes was worth keeping)

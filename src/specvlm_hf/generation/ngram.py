@@ -44,6 +44,16 @@ def ngram_candidate(ids: torch.Tensor, num_tokens: int, max_ngram: int = 3, min_
     return ids.new_empty(0)
 
 
+def matched_prefix(candidate: list[int], emitted: list[int]) -> int:
+    """How many leading tokens of `candidate` the cycle emitted (the walk took the branch that far)."""
+    matched = 0
+    for proposed, taken in zip(candidate, emitted):
+        if proposed != taken:
+            break
+        matched += 1
+    return matched
+
+
 def merge_branch(tree: DraftTree, branch: torch.Tensor) -> DraftTree:
     """
     Adds `branch` (a chain below the root) to `tree`: follows existing children with the same tokens, then appends
