@@ -113,3 +113,12 @@ def test_the_draft_config_knobs_apply_and_a_call_overrides_them():
     on = target.generate(**inputs, tree_ngram_tokens=6, **kwargs).speculation
     assert set(off.nodes_per_cycle) == {draft.config.tree_total_tokens}  # fixed tree, no branch
     assert max(on.nodes_per_cycle) > draft.config.tree_total_tokens
+
+
+def test_fallback_knobs_equal_the_config_defaults():
+    """Drafts whose config predates the n-gram knobs get the same defaults as a new config."""
+    from specvlm_hf import SpecVLMDraftConfig
+    from specvlm_hf.generation.loop import NGRAM_DEFAULTS
+
+    config = SpecVLMDraftConfig()
+    assert NGRAM_DEFAULTS == {"tree_ngram_tokens": config.tree_ngram_tokens, "tree_ngram_max": config.tree_ngram_max}

@@ -93,7 +93,7 @@ def _adaptive_tree(draft: Any, generation_config: "GenerationConfig") -> bool:
 
 
 #: Defaults of the n-gram branch for drafts whose config predates the knobs (see `ngram.py`).
-NGRAM_DEFAULTS = {"tree_ngram_tokens": 6, "tree_ngram_max": 3}
+NGRAM_DEFAULTS = {"tree_ngram_tokens": 10, "tree_ngram_max": 3}  # = SpecVLMDraftConfig's defaults
 
 
 def _ngram_knobs(draft: Any, generation_config: "GenerationConfig") -> tuple[int, int]:

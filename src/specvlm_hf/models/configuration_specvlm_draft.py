@@ -117,7 +117,7 @@ class SpecVLMDraftConfig(PreTrainedConfig):
             Size every tree during generation from the measured costs of verification and drafting and the draft's
             calibrated path probabilities (`specvlm_hf.generation.adaptive`); `tree_depth` and `tree_total_tokens`
             are then upper bounds. `False` keeps the tree fixed at those knobs.
-        tree_ngram_tokens (`int`, *optional*, defaults to 6):
+        tree_ngram_tokens (`int`, *optional*, defaults to 10):
             Length of the n-gram branch merged into every tree: the tokens that followed the latest earlier
             occurrence of the context's last `tree_ngram_max`..1 tokens (prompt lookup inside the tree,
             `specvlm_hf.generation.ngram`). `0` turns it off.
@@ -179,7 +179,7 @@ class SpecVLMDraftConfig(PreTrainedConfig):
     tree_depth: int = 5
     tree_total_tokens: int = 24
     tree_adaptive: bool = True
-    tree_ngram_tokens: int = 6
+    tree_ngram_tokens: int = 10
     tree_ngram_max: int = 3
     compressor_config: dict | None = None
     target_model_name_or_path: str | None = None
