@@ -308,11 +308,11 @@ class BatchedTreeDecoder:
             candidates: list[torch.Tensor | None] = [None] * len(self.rows)
             if self.ngram_tokens:
                 for i, row in enumerate(self.rows):
-                    context = self.sequences[row, self.decoders[row].n_pad : self.lengths[row]]
+                    decoder = self.decoders[row]
+                    context = self.sequences[row, decoder.n_pad : self.lengths[row]]
                     candidates[i] = ngram_candidate(context, self.ngram_tokens, self.ngram_max)
-            for i, row in enumerate(self.rows):
-                if self.decoders[row].sizer is not None:
-                    self.decoders[row].sizer.expect_ngram(0 if candidates[i] is None else candidates[i].numel())
+                    if decoder.sizer is not None:  # without the branch the sizer's candidate length stays 0
+                        decoder.sizer.expect_ngram(candidates[i].numel())
             trees = self.drafter.propose()
             for i, candidate in enumerate(candidates):
                 if candidate is not None:
