@@ -101,7 +101,27 @@ def test_check_compatible_rejects_a_draft_corrupted_in_memory(llava):
         llava.generate(**inputs, max_new_tokens=4, do_sample=False, assistant_model=draft)
     with torch.no_grad():
         weight.copy_(saved)
-    draft.check_compatible(llava)  # recomputed on every call: nothing about the weights is cached
+    draft.check_compatible(llava)  # the repaired tensor is scanned again (its version counter moved)
+
+
+def test_finite_check_rescans_only_tensors_that_changed(llava, monkeypatch):
+    draft = SpecVLMDraftModel.from_target(llava)
+    assert draft.non_finite_parameters() == []
+    scanned = []
+    real_isfinite = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda tensor: scanned.append(tensor.shape) or real_isfinite(tensor))
+    assert draft.non_finite_parameters() == [] and scanned == []  # nothing changed: nothing scanned
+    # an optimizer step writes in place: every stepped tensor is scanned again, and a diverged step is caught
+    weight = draft.fc.weight
+    weight.grad = torch.full_like(weight, float("nan"))
+    torch.optim.SGD([weight], lr=0.1).step()
+    assert draft.non_finite_parameters() == [("fc.weight", weight.numel(), 0)] and scanned == [weight.shape]
+    # replacing a tensor's storage (`.data = ...`) is caught too
+    scanned.clear()
+    weight.data = torch.zeros_like(weight)
+    assert draft.non_finite_parameters() == [] and scanned == [weight.shape]
+    weight.data = torch.full_like(weight, float("inf"))
+    assert draft.non_finite_parameters() == [("fc.weight", 0, weight.numel())]
 
 
 LOAD_CORRUPT_AS_REMOTE_CODE = textwrap.dedent(

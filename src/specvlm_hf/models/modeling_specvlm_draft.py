@@ -295,16 +295,29 @@ class SpecVLMDraftPreTrainedModel(PreTrainedModel):
         The draft's own parameters that hold NaN or Inf values (one `torch.isfinite` pass per tensor; tensors not
         materialised, e.g. offloaded to the meta device, and non-float tensors are skipped).
 
+        A tensor that passed is remembered with its storage and in-place version counter and skipped until either
+        changes, so repeated checks (one per `generate` call) are cheap.
+
         Returns:
             `list[tuple[str, int, int]]`: `(name, number of NaN, number of Inf)` per offending parameter, in
             `named_parameters()` order; empty when every value is finite.
         """
         bad = []
+        # a tensor whose storage and in-place version counter are unchanged since it last passed is not scanned again
+        # (an optimizer step, `load_state_dict` or any in-place write bumps the counter; a new `.data` moves storage),
+        # so `generate`'s check before every call costs a pass over the weights only after they change
+        passed = self.__dict__.setdefault("_finite_passed", {})
         with torch.no_grad():
             for name, parameter in self.named_parameters():
                 if not parameter.is_floating_point() or parameter.device.type == "meta":
                     continue
-                if not bool(torch.isfinite(parameter).all()):
+                stamp = (parameter.data_ptr(), parameter._version, parameter.dtype, tuple(parameter.shape))
+                if passed.get(name) == stamp:
+                    continue
+                if bool(torch.isfinite(parameter).all()):
+                    passed[name] = stamp
+                else:
+                    passed.pop(name, None)
                     bad.append((name, int(torch.isnan(parameter).sum()), int(torch.isinf(parameter).sum())))
         return bad
 
