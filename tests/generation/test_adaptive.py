@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from specvlm_hf import SpecVLMDraftModel
-from specvlm_hf.generation.adaptive import WARMUP_CYCLES, AdaptiveTreeSizer
+from specvlm_hf.generation.adaptive import PROBE_EVERY, WARMUP_CYCLES, AdaptiveTreeSizer
+from specvlm_hf.generation.tree import DraftTree
 from specvlm_hf.testing.tiny_models import FAMILIES, MULTIMODAL_FAMILIES, build_tiny_target, make_inputs
 
 from .oracle import oracle
@@ -79,6 +80,83 @@ def test_an_ngram_branch_that_keeps_being_accepted_shrinks_the_draft_tree():
     assert fresh.ngram_accept_rate == 0.0
 
 
+def _sizer_after(cycles: int, *, accepted: int, predicted: float, ngram_matched: int | None) -> AdaptiveTreeSizer:
+    """A sizer fed `cycles` drafted cycles of 12 or 4 draft nodes (+ a 10-token n-gram candidate matched
+    `ngram_matched` tokens deep, when given), verification 40 ms + 1 ms per node, 3 ms per draft step, 2 ms of
+    catch-up."""
+    sizer = AdaptiveTreeSizer(max_depth=4, max_nodes=24)
+    for c in range(cycles):
+        branch = 0 if ngram_matched is None else 10
+        nodes = 12 if c % 2 == 0 else 4
+        sizer.expect_ngram(branch)
+        assert sizer.should_draft() or sizer.cycles >= WARMUP_CYCLES
+        if branch:
+            sizer.observe_ngram(10, ngram_matched)
+        verify = 0.04 + 0.001 * (nodes + branch)
+        draft = 0.002 + 0.003 * (sizer.depth - 1)
+        sizer.observe(nodes=nodes + branch, predicted=predicted, accepted=accepted, verify_seconds=verify,
+                      step_seconds=0.003, cycle_seconds=verify + draft + 0.001, deepest_gain=0.1, draft_seconds=draft,
+                      draft_nodes=nodes)
+    return sizer
+
+
+def test_drafting_is_skipped_when_it_does_not_pay_and_probed_again():
+    """`should_draft`: true during the warm-up; false when the draft's expected tokens do not pay for its steps,
+    catch-up and extra verification rows (a useless draft beside a reliable n-gram branch, or beside nothing: then
+    the cycle is a plain decoding step); true again after `PROBE_EVERY` cycles without drafting; true for a draft
+    whose tokens are accepted."""
+    fresh = AdaptiveTreeSizer(max_depth=4, max_nodes=24)
+    fresh.expect_ngram(10)
+    assert fresh.should_draft()  # nothing measured yet
+
+    useless = _sizer_after(20, accepted=0, predicted=3.0, ngram_matched=10)
+    useless.expect_ngram(10)
+    assert useless.calibration <= 0.05 and not useless.should_draft()
+    useless.expect_ngram(0)  # no candidate: verifying the root alone beats a useless tree too
+    assert not useless.should_draft()
+    for _ in range(PROBE_EVERY):
+        assert not useless.should_draft()
+        useless.observe(nodes=10, predicted=0.0, accepted=0, verify_seconds=0.05, step_seconds=None,
+                        cycle_seconds=0.051, deepest_gain=0.0, drafted=False)
+    assert useless.since_draft == PROBE_EVERY and useless.should_draft()  # the probe
+    calibration = useless.calibration
+    useless.observe(nodes=22, predicted=3.0, accepted=0, verify_seconds=0.062, step_seconds=0.003,
+                    cycle_seconds=0.075, deepest_gain=0.1, draft_seconds=0.011, draft_nodes=12)
+    assert useless.since_draft == 0 and not useless.should_draft() and useless.calibration <= calibration
+
+    good = _sizer_after(20, accepted=3, predicted=3.0, ngram_matched=0)
+    good.expect_ngram(10)
+    assert good.should_draft()
+    # the same draft beside a branch that is always accepted whole: its tokens rarely count (weight 1 - p)
+    beside_lookup = _sizer_after(20, accepted=3, predicted=3.0, ngram_matched=10)
+    beside_lookup.expect_ngram(10)
+    assert beside_lookup.ngram_accept_rate == 1.0 and not beside_lookup.should_draft()
+
+
+def test_the_draft_is_credited_only_with_its_own_accepted_nodes():
+    """Calibration counts the accepted nodes the draft proposed: tokens the n-gram branch alone proposed are the
+    branch's (`observe_ngram`), so a branch accepted whole does not inflate the draft's calibration."""
+    from specvlm_hf.generation import loop
+
+    seen = []
+
+    class Recording(AdaptiveTreeSizer):
+        def observe(self, **kwargs):
+            seen.append(kwargs)
+            super().observe(**kwargs)
+
+    sizer = Recording(max_depth=3, max_nodes=8)
+    decoder = loop._RowDecoder.__new__(loop._RowDecoder)
+    decoder.sizer, decoder.drafter = sizer, None
+    scores = torch.tensor([-0.1, -0.2, -1.0, -30.0])
+    tree = DraftTree.from_parents(torch.tensor([5, 6, 7, 8]), torch.tensor([0, 1, 0, 3]), scores)
+    # slots 1-2 are the draft's chain, slot 3 the shared first branch token, slot 4 the branch's own node
+    decoder._observe(tree, [0, 3, 4], 0.04, 0.0, torch.tensor([7, 8]), [7, 8, 9], draft_nodes=3, draft_seconds=0.01)
+    assert seen[-1]["accepted"] == 1 and seen[-1]["nodes"] == 4 and seen[-1]["draft_nodes"] == 3
+    assert seen[-1]["predicted"] == pytest.approx(float(scores[:3].exp().sum()))
+    assert sizer.ngram_accept_rate == 1.0
+
+
 def test_verify_cost_fit_recovers_a_line():
     sizer = AdaptiveTreeSizer(max_depth=3, max_nodes=24)
     _feed(sizer, 10, nodes_fn=lambda c: 4 + 2 * c, accepted_fn=lambda _: 1, verify_fn=lambda n: 0.03 + 0.001 * n)
@@ -96,8 +174,9 @@ def test_greedy_equality_while_the_tree_changes_size(family):
         out = target.generate(**inputs, max_new_tokens=40, do_sample=False, assistant_model=draft,
                               return_dict_in_generate=True, **replay)
         assert out.sequences.tolist() == plain.tolist()
-        if not replay:  # the random draft's trees shrink after the warm-up
+        if not replay:  # the random draft's trees shrink after the warm-up, and some cycles verify without it
             assert len(set(out.speculation.nodes_per_cycle)) > 1
+            assert 0 < out.speculation.undrafted_cycles < out.speculation.target_forwards
 
 
 def test_sampling_stays_bit_identical_with_adaptive_trees():
@@ -105,12 +184,16 @@ def test_sampling_stays_bit_identical_with_adaptive_trees():
     torch.manual_seed(1)
     draft = SpecVLMDraftModel.from_target(target)
     inputs = make_inputs("llava", target, with_image=True)
+    undrafted = 0
     for seed in range(3):
         torch.manual_seed(seed)
         plain = target.generate(**inputs, max_new_tokens=30, do_sample=True, top_k=20)
         torch.manual_seed(seed)
-        spec = target.generate(**inputs, max_new_tokens=30, do_sample=True, top_k=20, assistant_model=draft)
-        assert spec.tolist() == plain.tolist()
+        spec = target.generate(**inputs, max_new_tokens=30, do_sample=True, top_k=20, assistant_model=draft,
+                               return_dict_in_generate=True)
+        assert spec.sequences.tolist() == plain.tolist()
+        undrafted += spec.speculation.undrafted_cycles
+    assert undrafted > 0  # cycles verified without the draft's tree were part of it
 
 
 def test_fixed_tree_switch():

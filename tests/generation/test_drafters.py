@@ -135,3 +135,39 @@ def test_fixed_block_drafter_verifies_blocks_of_its_size(targets, batch_size):
     assert set(stats.nodes_per_cycle) == {5}
     forwards = stats.batched_forwards if batch_size > 1 else stats.target_forwards
     assert len(stats.verify_seconds_per_forward) == forwards and all(t > 0 for t in stats.verify_seconds_per_forward)
+
+
+def test_eagle_drafter_defers_its_catch_up_to_the_next_tree(llava):
+    """`extend` only records the committed pairs; the next `propose` catches up on all of them in one forward, which
+    leaves the draft in the state that catching up cycle by cycle gives (same cache length, position, root feature
+    and tree), so the loop can verify cycles without drafting."""
+    target, draft = llava
+    inputs = make_inputs("llava", target, with_image=False)
+    ids = inputs["input_ids"][0]
+    with torch.no_grad():
+        hidden = target(**inputs, output_hidden_states=True).hidden_states
+    features, embeds = draft.select_features(hidden), hidden[0]
+
+    def drafter():
+        made = EagleTreeDrafter(draft, target.get_input_embeddings(), target.get_output_embeddings(), TreeKnobs(4, 3, 8))
+        made.prefill(embeds[:, 1:4], features[:, 0:3])
+        return made
+
+    stepwise, deferred = drafter(), drafter()
+    with torch.no_grad():
+        stepwise.extend(features[:, 3:5], ids[4:6])
+        stepwise.propose()
+        stepwise.extend(features[:, 5:7], ids[6:8])
+        expected = stepwise.propose()
+
+        forwards = deferred.stats.forwards
+        deferred.extend(features[:, 3:5], ids[4:6])
+        deferred.extend(features[:, 5:7], ids[6:8])
+        assert deferred.stats.forwards == forwards and len(deferred.pending) == 2  # nothing ran yet
+        tree = deferred.propose()
+    assert deferred.pending == [] and deferred.next_position == stepwise.next_position == 7
+    assert deferred.cache.get_seq_length() == stepwise.cache.get_seq_length() == 7
+    torch.testing.assert_close(deferred.last_hidden, stepwise.last_hidden, rtol=1e-4, atol=1e-5)
+    assert tree.tokens.tolist() == expected.tokens.tolist() and tree.parents.tolist() == expected.parents.tolist()
+    with pytest.raises(ValueError, match="2 features for 1 tokens"):
+        deferred.extend(features[:, 0:2], ids[0:1])

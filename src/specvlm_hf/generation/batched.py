@@ -314,6 +314,7 @@ class BatchedTreeDecoder:
                     if decoder.sizer is not None:  # without the branch the sizer's candidate length stays 0
                         decoder.sizer.expect_ngram(candidates[i].numel())
             trees = self.drafter.propose()
+            draft_nodes = [tree.num_nodes for tree in trees]
             for i, candidate in enumerate(candidates):
                 if candidate is not None:
                     trees[i] = merge_branch(trees[i], candidate)
@@ -397,6 +398,7 @@ class BatchedTreeDecoder:
                 features, next_tokens = features[keep_d], next_tokens[keep]
                 results = [results[i] for i in alive]
                 trees = [trees[i] for i in alive]
+                draft_nodes = [draft_nodes[i] for i in alive]
                 candidates = [candidates[i] for i in alive]
                 self.rows = [self.rows[i] for i in alive]
             self.drafter.extend(features, next_tokens.to(self.device), counts_t)
@@ -404,5 +406,5 @@ class BatchedTreeDecoder:
                 decoder = self.decoders[row]
                 if decoder.sizer is not None:
                     decoder.drafter = self.drafter
-                    decoder._observe(trees[i], len(results[i][0]) - 1, verify_seconds, cycle_started, candidates[i],
-                                     results[i][1])
+                    decoder._observe(trees[i], results[i][0], verify_seconds, cycle_started, candidates[i],
+                                     results[i][1], draft_nodes=draft_nodes[i])

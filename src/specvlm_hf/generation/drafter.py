@@ -6,8 +6,9 @@ the draft's last predicted feature). One cycle:
 0. `prefill(...)`: the first catch-up over the prompt; with a draft that has a visual compressor, the image spans of
    the prompt are compressed first, so the draft's cache holds fewer entries than there are prompt positions (every
    later call passes explicit logical positions, counted by `next_position`).
-1. `extend(features, next_tokens)`: catch-up forward over the pairs `(f_t, x_{t+1})` committed since the last cycle
-   (EAGLE's shift) -> the last output predicts the root's children.
+1. `extend(features, next_tokens)`: records the pairs `(f_t, x_{t+1})` committed by a cycle (EAGLE's shift); the
+   catch-up forward over every pair recorded since the last tree runs at the start of the next `propose()` (one
+   forward however many cycles the loop verified without drafting) -> its last output predicts the root's children.
 2. `propose()`: expand the top-k children of every frontier node for `depth - 1` steps (K^2 candidates per step,
    frontier = best K by cumulative log-probability), rerank every recorded candidate and keep the best
    `total_tokens`; the scratch keys/values of the expansion are dropped from the draft cache afterwards.
@@ -70,6 +71,7 @@ class EagleTreeDrafter:
         self.cache = DynamicCache()
         self.next_position = 0  # draft position of the next pair (token index of its feature)
         self.last_hidden: torch.Tensor | None = None  # (1, hidden): predicted feature of the root
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # committed pairs not caught up yet (`extend`)
         self.stats = DrafterStats()
         param = next(draft.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -144,7 +146,7 @@ class EagleTreeDrafter:
 
     def extend(self, features: torch.Tensor, next_tokens: torch.Tensor) -> None:
         """
-        Catch-up over newly committed pairs `(f_t, x_{t+1})`.
+        Records newly committed pairs `(f_t, x_{t+1})`; the draft catches up on them at the next [`propose`].
 
         Args:
             features (`torch.FloatTensor` of shape `(1, k, feature_width)`): target features of the root and the
@@ -152,7 +154,21 @@ class EagleTreeDrafter:
             next_tokens (`torch.LongTensor` of shape `(k,)`): the tokens that follow each of them (accepted tokens
                 then the bonus token).
         """
+        if features.shape[1] != next_tokens.numel():
+            raise ValueError(f"extend: {features.shape[1]} features for {next_tokens.numel()} tokens")
+        self.pending.append((features, next_tokens.reshape(-1)))
+
+    def catch_up(self) -> None:
+        """One draft forward over every pair recorded by [`extend`] since the last one (no-op when none is)."""
+        if not self.pending:
+            return
         started = time.perf_counter()
+        if len(self.pending) == 1:
+            features, next_tokens = self.pending[0]
+        else:
+            features = torch.cat([f.to(self.device) for f, _ in self.pending], dim=1)
+            next_tokens = torch.cat([t.to(self.device) for _, t in self.pending])
+        self.pending = []
         k = next_tokens.numel()
         positions = torch.arange(self.next_position, self.next_position + k, device=self.device)[None]
         out = self.draft(
@@ -174,6 +190,7 @@ class EagleTreeDrafter:
         """Grows, reranks and returns one EAGLE-2 tree; the draft cache is left holding the committed context only."""
         if self.last_hidden is None:
             raise RuntimeError("call prefill() before propose()")
+        self.catch_up()
         top_k, depth, budget = self.knobs.top_k, self.knobs.depth, self.knobs.total_tokens
         if self.sizer is not None:
             depth = self.sizer.depth
@@ -282,6 +299,8 @@ class BatchedEagleTreeDrafter:
     def __init__(self, rows: list[EagleTreeDrafter]):
         from .cache_utils import stack_row_caches
 
+        for row in rows:
+            row.catch_up()  # a row drafter hands over a cache with every committed pair in it
         first = rows[0]
         self.draft, self.embed_tokens, self.lm_head, self.knobs = first.draft, first.embed_tokens, first.lm_head, first.knobs
         self.device, self.dtype = first.device, first.dtype

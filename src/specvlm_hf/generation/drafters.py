@@ -11,6 +11,11 @@ the three calls of [`TreeDrafter`] (in the spirit of transformers' `CandidateGen
 
 and a `stats` ([`DrafterStats`]) the loop reads for `out.speculation`.
 
+`extend` is called after every verification cycle; `propose` only for the cycles whose tree includes the draft's
+nodes: with adaptive trees the loop may verify some cycles without drafting (`adaptive.AdaptiveTreeSizer.should_draft`),
+so a drafter must accept several `extend` calls in a row (it may defer its catch-up until the next `propose`, as the
+EAGLE drafter does).
+
 [`ReplayDrafter`] is a documented diagnostic: it proposes a known continuation (plain `generate`'s own output) as a
 chain plus one decoy sibling per depth, i.e. a perfect draft in a real branching tree. It tells what the loop could
 give on a machine with a perfect draft (`specvlm bench --methods oracle`), and tests use it for long acceptances.
@@ -72,7 +77,8 @@ class TreeDrafter(Protocol):
         """One tree rooted at the last emitted token (see `tree.DraftTree` for the slot convention)."""
 
     def extend(self, features: torch.Tensor, next_tokens: torch.Tensor) -> None:
-        """Catch-up over committed pairs: features `(1, k, width)` of the root and accepted nodes, tokens `(k,)`."""
+        """Catch-up over committed pairs: features `(1, k, width)` of the root and accepted nodes, tokens `(k,)`; may
+        be called several times between two `propose` calls."""
 
 
 @dataclass(frozen=True)

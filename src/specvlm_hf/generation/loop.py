@@ -55,7 +55,7 @@ from .exact_attention import (
 )
 from .route import GENERATE_KNOBS
 from .stats import SpeculationStats
-from .tree import children_table, position_ids_for_tree
+from .tree import DraftTree, children_table, position_ids_for_tree
 from .verification import synchronize, verify_forward
 from .visual_layout import image_grids, paired_visual_mask, visual_token_ids
 
@@ -298,6 +298,7 @@ class _RowDecoder:
         self.sizer = sizer  # adaptive tree rule fed with every cycle's measurements (adaptive.py)
         self.ngram_tokens, self.ngram_max = ngram  # the n-gram branch (ngram.py); 0 tokens = off
         self.row, self.batch_size = 0, 1  # the row's index in the generate call's batch, and that batch's size
+        self.no_draft = DraftTree.from_parents(torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
         self.scores: list[torch.Tensor] = []
         self.raw_logits: list[torch.Tensor] = []
 
@@ -342,7 +343,15 @@ class _RowDecoder:
                          if self.ngram_tokens else None)
             if self.sizer is not None:
                 self.sizer.expect_ngram(0 if candidate is None else candidate.numel())
-            tree = self.drafter.propose()
+            # adaptive trees: a cycle where the draft's nodes are not worth their cost verifies the n-gram branch
+            # (or the root alone) and the draft catches up later
+            drafted = self.sizer is None or self.sizer.should_draft()
+            draft_before = self.drafter.stats.seconds
+            tree = self.drafter.propose() if drafted else self.no_draft
+            draft_seconds = self.drafter.stats.seconds - draft_before
+            draft_nodes = tree.num_nodes
+            if not drafted:
+                self.stats.undrafted_cycles += 1
             if candidate is not None:
                 tree = merge_branch(tree, candidate)
             n_block = tree.num_nodes + 1
@@ -387,16 +396,25 @@ class _RowDecoder:
             self.drafter.extend(features[None], torch.tensor(emitted))
             self.next_position += len(emitted)
             if self.sizer is not None:
-                self._observe(tree, len(path) - 1, verify_seconds + logits.seconds, cycle_started, candidate, emitted)
+                self._observe(tree, path, verify_seconds + logits.seconds, cycle_started, candidate, emitted,
+                              draft_nodes=draft_nodes, draft_seconds=draft_seconds, drafted=drafted)
 
-    def _observe(self, tree, accepted: int, verify_seconds: float, cycle_started: float,
-                 candidate: torch.Tensor | None = None, emitted: list[int] | None = None) -> None:
-        """Feeds one cycle's measurements to the adaptive tree rule (`adaptive.py`), with how far the cycle's n-gram
-        `candidate` agreed with the `emitted` tokens."""
+    def _observe(self, tree, path: list[int], verify_seconds: float, cycle_started: float,
+                 candidate: torch.Tensor | None = None, emitted: list[int] | None = None, *,
+                 draft_nodes: int | None = None, draft_seconds: float | None = None, drafted: bool = True) -> None:
+        """
+        Feeds one cycle's measurements to the adaptive tree rule (`adaptive.py`): the verified `tree` (the draft's
+        first `draft_nodes` nodes, then the n-gram branch's own), the accepted `path` (slots, root first), how far
+        the cycle's n-gram `candidate` agreed with the `emitted` tokens, and the draft's time this cycle when known.
+        """
         if candidate is not None and candidate.numel() and emitted is not None:
             self.sizer.observe_ngram(candidate.numel(), matched_prefix(candidate.tolist(), emitted))
-        gains = tree.scores.float().exp()
-        node_depths = tree.depths[1:]
+        draft_nodes = tree.num_nodes if draft_nodes is None else draft_nodes
+        # the draft is credited with the accepted nodes it proposed (branch nodes it shared included); the slots past
+        # its own are the n-gram branch's, credited to the branch by observe_ngram
+        accepted = sum(1 for slot in path[1:] if slot <= draft_nodes)
+        gains = tree.scores[:draft_nodes].float().exp()
+        node_depths = tree.depths[1 : draft_nodes + 1]
         # the deepest level the drafter expanded (0 when none of its nodes was worth keeping)
         deepest = gains[node_depths == self.sizer.depth].sum()
         self.sizer.observe(
@@ -404,9 +422,12 @@ class _RowDecoder:
             predicted=float(gains.sum()),
             accepted=accepted,
             verify_seconds=verify_seconds,
-            step_seconds=getattr(self.drafter, "last_step_seconds", None),
+            step_seconds=getattr(self.drafter, "last_step_seconds", None) if drafted else None,
             cycle_seconds=time.perf_counter() - cycle_started,
             deepest_gain=float(deepest),
+            draft_seconds=draft_seconds,
+            drafted=drafted,
+            draft_nodes=draft_nodes,
         )
 
 

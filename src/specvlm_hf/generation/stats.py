@@ -45,6 +45,9 @@ class SpeculationStats:
         batched_forwards (`int`): verification forwards that verified several rows at once (batch > 1: one per cycle
             for every unfinished row, `generation/batched.py`); `target_forwards` counts row-cycles, so the mean
             acceptance length keeps its per-row meaning; 0 when rows were verified one by one.
+        undrafted_cycles (`int`): verification cycles whose tree held no draft node (adaptive trees found drafting
+            not worth its cost: only the n-gram branch, or the root alone, was verified; see
+            `adaptive.AdaptiveTreeSizer.should_draft`).
         exact_verification (`bool`): whether verification ran the exact row-wise attention
             (`specvlm_hf.generation.exact_attention`), which makes reduced-precision greedy output bitwise equal to
             plain decoding on machines whose kernels pass the probe.
@@ -68,6 +71,7 @@ class SpeculationStats:
     total_seconds: float = 0.0
     verify_seconds_per_forward: list[float] = field(default_factory=list)
     batched_forwards: int = 0
+    undrafted_cycles: int = 0
     exact_verification: bool = False
 
     def record_cycle(self, n_accepted_draft: int, n_emitted: int, n_drafted: int) -> None:
@@ -88,7 +92,7 @@ class SpeculationStats:
         out = SpeculationStats(**asdict(self))
         for name in ("target_forwards", "draft_forwards", "tokens_emitted", "accepted_draft_tokens", "drafted_tokens",
                      "prefill_tokens", "draft_prefill_tokens", "draft_prefill_seconds", "target_seconds",
-                     "target_prefill_seconds", "draft_seconds", "batched_forwards"):
+                     "target_prefill_seconds", "draft_seconds", "batched_forwards", "undrafted_cycles"):
             setattr(out, name, getattr(self, name) + getattr(other, name))
         out.exact_verification = self.exact_verification or other.exact_verification
         out.total_seconds = max(self.total_seconds, other.total_seconds)  # one call's wall time, not a per-row sum
