@@ -288,6 +288,7 @@ def test_oracle_records_carry_depth_bound_and_time_fractions(oracle_run):
         assert record["bound"] == pytest.approx(
             record["mean_accept_len"] * record["t_token_seconds"] / record["t_verify_seconds"])
         assert record["fraction_of_bound"] == pytest.approx(record["speedup"] / record["bound"])
+        assert record["fraction_of_end_to_end_bound"] == pytest.approx(record["speedup"] / record["end_to_end_bound"])
         skipped = oracle[depth, 1.0]
         assert not skipped["available"] and "temperature 0 only" in skipped["note"]
     for record in records:
@@ -298,6 +299,10 @@ def test_oracle_records_carry_depth_bound_and_time_fractions(oracle_run):
             assert isinstance(record["exact_verification"], bool)
         else:
             assert record["time_fractions"] is None
+        if speculative:
+            assert 0.0 <= record["undrafted_fraction"] <= 1.0
+        else:
+            assert record["undrafted_fraction"] is None
         if record["available"] and record["temperature"] == 0:
             assert isinstance(record["divergences"], list)
             assert len(record["divergences"]) == round((1 - record["exact_match"]) * 2)  # two prompts, batch 1
@@ -313,10 +318,11 @@ def test_noise_floor_and_report_sections(oracle_run):
     assert meta["dtype"] == "bfloat16" and meta["dtype_reason"] == "--dtype bfloat16"
     assert meta["oracle_depths"] == [2, 4]
     markdown = (oracle_run / "results.md").read_text()
-    assert "| Divergences | Time target / draft / loop | Exact verif. |" in markdown
+    assert "| Divergences | Time target / draft / loop | Exact verif. | Undrafted cycles |" in markdown
     assert "## Exactness (T = 0)" in markdown and "Noise floor of plain decoding: plain bfloat16" in markdown
     assert "## Oracle (perfect draft)" in markdown and "| oracle:depth4 | 0 |" in markdown
-    for key in ("divergences", "noise_floor", "time_fractions", "bound", "fraction_of_bound", "oracle_depth"):
+    for key in ("divergences", "noise_floor", "time_fractions", "bound", "fraction_of_bound", "oracle_depth",
+                "end_to_end_bound", "undrafted_fraction"):
         assert f"- `{key}`:" in markdown
 
 

@@ -119,6 +119,9 @@ def test_oracle_bound_and_fraction():
     assert values["bound"] == pytest.approx(5 * 0.1 / 0.2)
     assert values["fraction_of_bound"] == pytest.approx(2.2 / 2.5)
     assert values["decode_fraction_of_bound"] == pytest.approx(1.0)
+    # end to end: 2.2 s of plain time against 2 x 0.1 s of prefill + 0.8 s of verification
+    assert values["end_to_end_bound"] == pytest.approx(2.2 / 1.0)
+    assert values["fraction_of_end_to_end_bound"] == pytest.approx(2.2 / 2.2)
     empty = oracle_bound([], SpeculationStats(), {}, None, None)
     assert all(value is None for value in empty.values())
 

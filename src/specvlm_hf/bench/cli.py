@@ -730,7 +730,9 @@ def _summary_line(record: dict) -> str:
     if record.get("divergences"):
         line += f"  diverging rows {len(record['divergences'])}"
     if record.get("bound") is not None:
-        line += f"  bound {record['bound']:.2f}x (fraction {show(record.get('fraction_of_bound'))})"
+        line += (f"  bound {record['bound']:.2f}x (fraction {show(record.get('fraction_of_bound'))}, decode "
+                 f"{show(record.get('decode_fraction_of_bound'))}; end to end {show(record.get('end_to_end_bound'), 'x')}"
+                 f", fraction {show(record.get('fraction_of_end_to_end_bound'))})")
     if record.get("note") and not record.get("available"):
         line += f"  ({record['note']})"
     return line

@@ -592,7 +592,8 @@ def time_fractions(stats: Sequence[SpeculationStats]) -> dict[str, float] | None
 
 
 #: The fields of an `oracle` record's bound (`None` elsewhere); see [`oracle_bound`].
-ORACLE_KEYS = ("t_token_seconds", "t_verify_seconds", "bound", "fraction_of_bound", "decode_fraction_of_bound")
+ORACLE_KEYS = ("t_token_seconds", "t_verify_seconds", "bound", "fraction_of_bound", "decode_fraction_of_bound",
+               "end_to_end_bound", "fraction_of_end_to_end_bound")
 
 
 def oracle_bound(
@@ -612,8 +613,14 @@ def oracle_bound(
       `target_forwards` of its `out.speculation`.
 
     The bound is the decode-rate ratio the loop would reach if drafting and the loop's own work were free;
-    `fraction_of_bound = speedup / bound` (end to end) and `decode_fraction_of_bound = decode_speedup / bound` say how
-    much of it the loop keeps.
+    `decode_fraction_of_bound = decode_speedup / bound` says how much of it the loop keeps, and
+    `fraction_of_bound = speedup / bound` compares the end-to-end speedup with it (the prefill, which no draft
+    shortens, pulls this one down).
+
+    The end-to-end version of the same bound counts the prefill as plain generate pays it:
+    `end_to_end_bound = sum(plain seconds) / (sum(time to first token) + verification seconds)`, the speedup of a
+    call whose drafting and loop cost nothing (prefill, then the oracle's own verification forwards); and
+    `fraction_of_end_to_end_bound = speedup / end_to_end_bound`.
 
     Args:
         paired (`Sequence[tuple[RunResult, RunResult]]`): the oracle's calls, each with plain `generate`'s call of the
@@ -632,12 +639,18 @@ def oracle_bound(
     t_verify = verify_seconds / stats.target_forwards if stats.target_forwards and verify_seconds > 0 else None
     tau = stats.mean_accept_len
     bound = tau * t_token / t_verify if tau and t_token and t_verify else None
+    plain_seconds = sum(p.seconds for _, p in paired)
+    prefill_seconds = sum(ttft_median.get(p.unit, 0.0) for _, p in paired)
+    end_to_end = (plain_seconds / (prefill_seconds + verify_seconds)
+                  if bound and plain_seconds > 0 and prefill_seconds + verify_seconds > 0 else None)
     return {
         "t_token_seconds": t_token,
         "t_verify_seconds": t_verify,
         "bound": bound,
         "fraction_of_bound": speedup / bound if speedup and bound else None,
         "decode_fraction_of_bound": decode_speedup / bound if decode_speedup and bound else None,
+        "end_to_end_bound": end_to_end,
+        "fraction_of_end_to_end_bound": speedup / end_to_end if speedup and end_to_end else None,
     }
 
 
@@ -704,6 +717,7 @@ def aggregate(
                 "time_fractions": None,
                 "exact_verification": None,
                 "batched_forwards": None,
+                "undrafted_fraction": None,
                 "exact_match_per_row": None,
                 **(dict.fromkeys(ORACLE_KEYS) if method.is_oracle else {}),
             }
@@ -746,6 +760,8 @@ def aggregate(
                     exact_verification=(all(bool(getattr(s, "exact_verification", False)) for s in call_stats)
                                         if call_stats else None),
                     batched_forwards=stats.batched_forwards,
+                    undrafted_fraction=(getattr(stats, "undrafted_cycles", 0) / stats.target_forwards
+                                        if stats.target_forwards else None),
                 )
                 if batch_size > 1:
                     how = ("all unfinished rows verified in one forward per cycle" if stats.batched_forwards
