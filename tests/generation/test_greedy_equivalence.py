@@ -109,6 +109,9 @@ def test_lazy_head_reproduces_the_models_own_logits():
         for slot in (0, 3, inputs["input_ids"].shape[1] - 1):
             torch.testing.assert_close(lazy[slot], out.logits[0, slot : slot + 1].float(), rtol=1e-5, atol=1e-5)
             assert lazy.argmax(slot) == eager.argmax(slot)
+        fresh = _SlotLogits(out.logits[0, :1], final[0], head, mode)  # argmax read before any row
+        slots = range(inputs["input_ids"].shape[1])
+        assert [fresh.argmax(slot) for slot in slots] == [eager.argmax(slot) for slot in slots]
 
     capped = torch.tanh(out.logits / 0.5) * 0.5  # what a model that applies the cap returns
     capped_head = find_logits_head(target, final[:, -1:], capped[:, -1])

@@ -47,7 +47,6 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 
 from .acceptance import greedy_token_ids, walk_tree
 from .cache_utils import compact_rows, keep_rows
@@ -57,8 +56,6 @@ from .tree import DraftTree, children_table
 from .verification import verify_forward
 
 if TYPE_CHECKING:  # pragma: no cover
-    from transformers import StoppingCriteriaList
-
     from .loop import _RowDecoder
 
 
@@ -87,20 +84,6 @@ class PerRowDrafters:
 
     def keep_rows(self, keep: torch.Tensor) -> None:
         self.rows = [self.rows[i] for i in keep.tolist()]
-
-
-def _simple_stops(criteria: "StoppingCriteriaList") -> tuple[int | None, torch.Tensor | None] | None:
-    """`(max_length, eos ids)` when the criteria are only max-length / end-of-sequence ones (checked as tensors over
-    every row's emitted tokens at once), else `None` (each criterion is called after every token)."""
-    max_length, eos = None, []
-    for criterion in criteria:
-        if type(criterion) is MaxLengthCriteria:  # (its warning past the model's positions: see `_warn_positions`)
-            max_length = criterion.max_length if max_length is None else min(max_length, criterion.max_length)
-        elif type(criterion) is EosTokenCriteria:
-            eos.append(criterion.eos_token_id.flatten())
-        else:
-            return None
-    return max_length, (torch.cat(eos) if eos else None)
 
 
 class BatchedTreeDecoder:
@@ -136,11 +119,8 @@ class BatchedTreeDecoder:
         self.dtype = target.dtype
         self.fast_greedy = not first.do_sample and len(first.logits_processor) == 0 and not (
             first.keep_scores or first.keep_logits)
-        self.simple_stops = _simple_stops(first.stopping_criteria)
+        self.simple_stops = first.simple_stops  # stopping.py: max-length / eos rules checked as tensors, or None
         self.exact, self.padded_batch = first.exact, first.padded_batch
-        # max-length criteria that warn once a sequence outgrows the model's positions (checked as tensors otherwise)
-        self.position_warners = [c for c in first.stopping_criteria
-                                 if type(c) is MaxLengthCriteria and c.max_position_embeddings is not None]
         self.verify_forwards = 0
         self.verify_seconds = 0.0
         self.seconds_per_forward: list[float] = []
@@ -254,7 +234,7 @@ class BatchedTreeDecoder:
         b, width = emitted.shape
         steps = torch.arange(width, device=emitted.device)
         fires = torch.zeros((b, width), dtype=torch.bool, device=emitted.device)
-        max_length, eos = self.simple_stops
+        max_length, eos = self.simple_stops.max_length, self.simple_stops.eos_ids
         if max_length is not None:
             lengths = torch.tensor([self.lengths[r] for r in self.rows], device=emitted.device)
             fires |= (lengths[:, None] + steps[None] + 1) >= max_length
@@ -262,12 +242,6 @@ class BatchedTreeDecoder:
             fires |= torch.isin(emitted, eos.to(emitted.device))
         fires &= steps[None] < n_emitted[:, None]
         return torch.where(fires.any(dim=-1), fires.to(torch.int8).argmax(dim=-1), torch.full_like(n_emitted, width))
-
-    def _warn_positions(self, longest: int) -> None:
-        """The max-length criterion's own warning past the model's positions (the tensor check skips its call)."""
-        for criterion in self.position_warners:
-            if longest > criterion.max_position_embeddings:
-                criterion(self.sequences.new_zeros((1, longest)), None)
 
     def _write(self, row: int, new_tokens: list[int]) -> None:
         """Appends tokens to a row's ids (the buffer grows, once, if a row outruns it)."""
@@ -357,8 +331,8 @@ class BatchedTreeDecoder:
 
             # ---- commit: ids, stats, compaction
             counts = [len(emitted) for _, emitted, _ in results]
-            if self.simple_stops is not None and self.position_warners:
-                self._warn_positions(max(self.lengths[r] for r in self.rows) + max(counts))
+            if self.simple_stops is not None and self.simple_stops.position_warners:
+                self.simple_stops.warn_past_positions(max(self.lengths[r] for r in self.rows) + max(counts))
             k_max = max(counts)
             keep_slots = torch.zeros((len(self.rows), k_max), dtype=torch.long)
             next_tokens = torch.zeros((len(self.rows), k_max), dtype=torch.long)

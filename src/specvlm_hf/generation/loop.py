@@ -55,6 +55,7 @@ from .exact_attention import (
 )
 from .route import GENERATE_KNOBS
 from .stats import SpeculationStats
+from .stopping import simple_stops
 from .tree import DraftTree, children_table, position_ids_for_tree
 from .verification import synchronize, verify_forward
 from .visual_layout import image_grids, paired_visual_mask, visual_token_ids
@@ -243,7 +244,8 @@ class _SlotLogits:
         self.mode, self.head, self.final_hidden = mode, head, final_hidden
         self.rows: dict[int, torch.Tensor] = {0: logits[:1].float()} if mode != "model" else {}
         self.all = logits.float() if mode == "model" else None
-        self.argmaxes: list[int] | None = None
+        self.block: torch.Tensor | None = None  # block mode: the non-root slots' logits, once computed
+        self.argmaxes: list[int] | None = None  # model mode: every slot's; block mode: the non-root slots'
         self.seconds = 0.0
 
     def _compute(self, slot: int) -> torch.Tensor:
@@ -251,7 +253,7 @@ class _SlotLogits:
         if self.mode == "row":
             row = self.rows[slot] = self.head(self.final_hidden[slot : slot + 1]).float()
         else:  # block: every non-root slot at once
-            block = self.head(self.final_hidden[1:]).float()
+            block = self.block = self.head(self.final_hidden[1:]).float()
             for i in range(block.shape[0]):
                 self.rows[i + 1] = block[i : i + 1]
             row = self.rows[slot]
@@ -265,6 +267,12 @@ class _SlotLogits:
         return row if row is not None else self._compute(slot)
 
     def argmax(self, slot: int) -> int:
+        if self.mode == "block" and slot:
+            if self.argmaxes is None:
+                if self.block is None:
+                    self._compute(slot)
+                self.argmaxes = greedy_token_ids(self.block).tolist()  # one host sync for every non-root slot
+            return self.argmaxes[slot - 1]
         if self.mode != "model":
             return int(greedy_token_ids(self[slot]).item())
         if self.argmaxes is None:
@@ -288,6 +296,7 @@ class _RowDecoder:
         self.head_mode = head_mode_for(head, target.get_output_embeddings().weight.dtype)
         self.root_only = torch.tensor([0], device=target.get_output_embeddings().weight.device)
         self.logits_processor, self.stopping_criteria = logits_processor, stopping_criteria
+        self.simple_stops = simple_stops(stopping_criteria)  # stopping.py: checked from the emitted tokens, or None
         self.do_sample = bool(generation_config.do_sample)
         self.keep_scores = bool(generation_config.return_dict_in_generate and generation_config.output_scores)
         self.keep_logits = bool(generation_config.return_dict_in_generate and generation_config.output_logits)
@@ -375,16 +384,26 @@ class _RowDecoder:
                     prefix = torch.cat([ids, ids.new_tensor([emitted])], dim=-1) if emitted else ids
                     return self._choose(prefix, logits[slot])
 
-            state = {"ids": ids}
+            if fast_greedy and self.simple_stops is not None:
+                # max-length / eos only: walk the whole accepted path, then cut it after the first token that stops
+                path, emitted, _ = walk_tree(children, choose)
+                stop_at = self.simple_stops.first_stop(emitted, ids.shape[-1])
+                stopped = stop_at is not None
+                if stopped:
+                    emitted, path = emitted[: stop_at + 1], path[: stop_at + 2]
+                ids = torch.cat([ids, ids.new_tensor([emitted])], dim=-1)
+                self.simple_stops.warn_past_positions(ids.shape[-1])
+            else:
+                state = {"ids": ids}
 
-            def stop(emitted: list[int]) -> bool:
-                state["ids"] = torch.cat([ids, ids.new_tensor([emitted])], dim=-1)
-                return self._stops(state["ids"])
+                def stop(emitted: list[int]) -> bool:
+                    state["ids"] = torch.cat([ids, ids.new_tensor([emitted])], dim=-1)
+                    return self._stops(state["ids"])
 
-            path, emitted, stopped = walk_tree(children, choose, stop)
+                path, emitted, stopped = walk_tree(children, choose, stop)
+                ids = state["ids"]
             self.stats.target_seconds += logits.seconds  # the target's LM head, applied outside its forward
             self.stats.verify_seconds_per_forward.append(verify_seconds + logits.seconds)
-            ids = state["ids"]
             keep = path[: len(emitted)]
             compact(self.cache, n_block, keep)
             self.stats.record_cycle(len(path) - 1, len(emitted), tree.num_nodes)
