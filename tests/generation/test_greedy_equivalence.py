@@ -93,7 +93,7 @@ def test_verification_head_modes_match_plain_generate(targets, monkeypatch, fami
 def test_lazy_head_reproduces_the_models_own_logits():
     """The lazily applied head is checked against the model's logits: it follows soft-capping where the model applies
     it, ignores a cap the model does not apply, and is refused (eager verification) when nothing matches."""
-    from specvlm_hf.generation.loop import _SlotLogits, find_logits_head
+    from specvlm_hf.generation.logits_head import SlotLogits, find_logits_head
 
     target = build_tiny_target("gemma3")
     text = target.config.get_text_config()
@@ -103,13 +103,13 @@ def test_lazy_head_reproduces_the_models_own_logits():
     final = out.hidden_states[text.num_hidden_layers]
     head = find_logits_head(target, final[:, -1:], out.logits[:, -1])
     assert head is target.get_output_embeddings()
-    eager = _SlotLogits(out.logits[0], final[0], None, "model")
+    eager = SlotLogits(out.logits[0], final[0], None, "model")
     for mode in ("row", "block"):
-        lazy = _SlotLogits(out.logits[0, :1], final[0], head, mode)
+        lazy = SlotLogits(out.logits[0, :1], final[0], head, mode)
         for slot in (0, 3, inputs["input_ids"].shape[1] - 1):
             torch.testing.assert_close(lazy[slot], out.logits[0, slot : slot + 1].float(), rtol=1e-5, atol=1e-5)
             assert lazy.argmax(slot) == eager.argmax(slot)
-        fresh = _SlotLogits(out.logits[0, :1], final[0], head, mode)  # argmax read before any row
+        fresh = SlotLogits(out.logits[0, :1], final[0], head, mode)  # argmax read before any row
         slots = range(inputs["input_ids"].shape[1])
         assert [fresh.argmax(slot) for slot in slots] == [eager.argmax(slot) for slot in slots]
 

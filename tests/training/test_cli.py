@@ -138,7 +138,7 @@ def test_resume_and_refusal_to_overwrite_a_trained_output_dir(tmp_path, monkeypa
     # the flag alone, and `True`, resume the latest checkpoint (as transformers documents it)
     resumed = _run(_argv(tmp_path, f"{checkpoints} --max_steps 3 --resume_from_checkpoint"))
     assert resumed_from == [str(out / "checkpoint-2")] and resumed.state.global_step == 3
-    resumed = _run(_argv(tmp_path, f"--max_steps 4 --resume_from_checkpoint True"))
+    resumed = _run(_argv(tmp_path, "--max_steps 4 --resume_from_checkpoint True"))
     assert resumed_from[-1] == str(out / "checkpoint-3") and resumed.state.global_step == 4
     resumed = _run(_argv(tmp_path, f"--max_steps 3 --resume_from_checkpoint {out / 'checkpoint-1'}"))
     assert resumed_from[-1] == str(out / "checkpoint-1") and resumed.state.global_step == 3

@@ -255,10 +255,10 @@ class BatchedTreeDecoder:
 
     def _walk_row(self, i: int, row: int, out, tree: DraftTree):
         """Acceptance of one row with logits processors / sampling / criteria of any kind (as at batch size 1)."""
-        from .loop import _SlotLogits
+        from .logits_head import SlotLogits
 
         decoder = self.decoders[row]
-        logits = _SlotLogits(out.logits[i], out.hidden_states[self.final_layer][i], self.head, self.head_mode)
+        logits = SlotLogits(out.logits[i], out.hidden_states[self.final_layer][i], self.head, self.head_mode)
         ids = self.sequences[row : row + 1, : self.lengths[row]]
         if self.fast_greedy:
             choose = lambda slot, emitted: logits.argmax(slot)  # noqa: E731

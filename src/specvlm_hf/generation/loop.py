@@ -23,7 +23,6 @@ height/width positions of Qwen images) so that the draft's prefill is compressed
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +53,13 @@ from .exact_attention import (
     probe_linear_shapes,
 )
 from .route import GENERATE_KNOBS
+from .logits_head import (
+    LAZY_HEAD_DEVICES,
+    SlotLogits,
+    find_logits_head,
+    grouped_argmax_error_scale,
+    head_mode_for,
+)
 from .stats import SpeculationStats
 from .stopping import simple_stops
 from .tree import DraftTree, children_table, position_ids_for_tree
@@ -67,9 +73,6 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.get_logger(__name__)
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
-#: Devices where verification computes LM-head logits lazily, only for the slots the acceptance walk reads (matrix
-#: products cost about linearly in rows on a CPU; on accelerators one batched head product is cheaper).
-LAZY_HEAD_DEVICES = ("cpu",)
 
 
 @dataclass
@@ -181,105 +184,6 @@ def _positive_layer_ids(target: "PreTrainedModel", layer_ids: list[int]) -> list
 
 
 
-def find_logits_head(
-    target: "PreTrainedModel", final_hidden: torch.Tensor, logits: torch.Tensor
-) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """
-    A function from final (normed) hidden states to the target's logits, checked against logits the model itself
-    produced (the prefill's last position), or `None` when no candidate reproduces them (verification then computes
-    every slot's logits inside the model, as on accelerators).
-
-    Candidates: the output embeddings alone, then with `final_logit_softcapping` of the text config when it is set
-    (Gemma 2 and Gemma 3 causal LMs apply it; Gemma 3's multimodal class, in transformers 5.23, does not). A wrong
-    candidate differs by far more than the tolerance, which only absorbs rounding.
-
-    Args:
-        target (`PreTrainedModel`): the target.
-        final_hidden (`torch.FloatTensor` of shape `(1, 1, hidden)`): final hidden state of one position.
-        logits (`torch.FloatTensor` of shape `(1, vocab)`): the model's logits at that position.
-    """
-    lm_head = target.get_output_embeddings()
-    candidates: list[Callable[[torch.Tensor], torch.Tensor]] = [lm_head]
-    cap = getattr(target.config.get_text_config(), "final_logit_softcapping", None)
-    if cap:
-        candidates.append(lambda hidden: torch.tanh(lm_head(hidden) / cap) * cap)
-    reference = logits.float().reshape(-1)
-    for candidate in candidates:
-        produced = candidate(final_hidden).float().reshape(-1)
-        if produced.shape == reference.shape and torch.allclose(produced, reference, rtol=1e-2, atol=1e-2):
-            return candidate
-    return None
-
-
-#: How verification logits are computed from the final hidden states (see [`_SlotLogits`]).
-HEAD_MODES = ("model", "row", "block")
-
-
-def head_mode_for(head: Callable | None, dtype: torch.dtype) -> str:
-    """
-    `"model"` where the lazily applied head is unavailable (every slot's logits come from the forward), else `"row"`
-    in float32 (each walked slot through a one-row head call, the arithmetic of plain decoding's one-row head: fp32
-    GEMMs are not row-invariant on CPUs) and `"block"` in reduced precision (all slots in one call at the first
-    read: on CPUs with bf16 matrix units the head costs the same for 1 and 25 rows, and bf16 GEMMs are row-invariant,
-    which the exactness probe checks).
-    """
-    if head is None:
-        return "model"
-    return "row" if dtype == torch.float32 else "block"
-
-
-class _SlotLogits:
-    """
-    Verification logits of the block's slots (root + tree nodes), float32, `(1, vocab)` per slot.
-
-    Modes (see [`head_mode_for`]): `"model"`: the target's forward computed every slot. `"row"` / `"block"` (CPU): the
-    forward computed only the root's logits (`logits_to_keep=[0]`) and the others come from the final hidden states
-    through `head` (see [`find_logits_head`], which checks that it reproduces the model's own logits), one row per
-    slot the walk reads, or every slot in one call at the first read. `seconds` is the time spent in `head`.
-    """
-
-    def __init__(self, logits: torch.Tensor, final_hidden: torch.Tensor, head: Callable | None, mode: str):
-        if mode not in HEAD_MODES:
-            raise ValueError(f"head mode {mode!r} is not one of {HEAD_MODES}")
-        self.mode, self.head, self.final_hidden = mode, head, final_hidden
-        self.rows: dict[int, torch.Tensor] = {0: logits[:1].float()} if mode != "model" else {}
-        self.all = logits.float() if mode == "model" else None
-        self.block: torch.Tensor | None = None  # block mode: the non-root slots' logits, once computed
-        self.argmaxes: list[int] | None = None  # model mode: every slot's; block mode: the non-root slots'
-        self.seconds = 0.0
-
-    def _compute(self, slot: int) -> torch.Tensor:
-        started = time.perf_counter()
-        if self.mode == "row":
-            row = self.rows[slot] = self.head(self.final_hidden[slot : slot + 1]).float()
-        else:  # block: every non-root slot at once
-            block = self.block = self.head(self.final_hidden[1:]).float()
-            for i in range(block.shape[0]):
-                self.rows[i + 1] = block[i : i + 1]
-            row = self.rows[slot]
-        self.seconds += time.perf_counter() - started
-        return row
-
-    def __getitem__(self, slot: int) -> torch.Tensor:
-        if self.mode == "model":
-            return self.all[slot : slot + 1]
-        row = self.rows.get(slot)
-        return row if row is not None else self._compute(slot)
-
-    def argmax(self, slot: int) -> int:
-        if self.mode == "block" and slot:
-            if self.argmaxes is None:
-                if self.block is None:
-                    self._compute(slot)
-                self.argmaxes = greedy_token_ids(self.block).tolist()  # one host sync for every non-root slot
-            return self.argmaxes[slot - 1]
-        if self.mode != "model":
-            return int(greedy_token_ids(self[slot]).item())
-        if self.argmaxes is None:
-            self.argmaxes = greedy_token_ids(self.all).tolist()  # one host sync for every slot
-        return self.argmaxes[slot]
-
-
 class _RowDecoder:
     """Decodes one batch row after the shared prefill. State lives here, per call, never on the models."""
 
@@ -346,6 +250,8 @@ class _RowDecoder:
         device = self.target.get_output_embeddings().weight.device
         dtype = self.target.dtype
         fast_greedy = not self.do_sample and len(self.logits_processor) == 0 and not (self.keep_scores or self.keep_logits)
+        # float32 greedy reads: a slot's head row is computed with its likely descendants' under a margin check
+        error_scale = grouped_argmax_error_scale(self.head) if fast_greedy and self.head_mode == "row" else None
         while True:
             cycle_started = time.perf_counter()
             candidate = (ngram_candidate(ids[0, self.n_pad :], self.ngram_tokens, self.ngram_max)
@@ -375,7 +281,8 @@ class _RowDecoder:
                 plan=RowwisePlan.from_masks(mask, padding, self.padded_batch) if self.exact else None,
             )
             self.stats.target_seconds += verify_seconds
-            logits = _SlotLogits(out.logits[0], out.hidden_states[self.final_layer][0], self.head, self.head_mode)
+            logits = SlotLogits(out.logits[0], out.hidden_states[self.final_layer][0], self.head, self.head_mode,
+                                tree=tree, error_scale=error_scale)
             children = children_table(tree)
             if fast_greedy:
                 choose = lambda slot, emitted: logits.argmax(slot)  # noqa: E731
