@@ -46,6 +46,7 @@ def test_error_scale_only_for_plain_float32_linear_heads():
         assert grouped_argmax_error_scale(nn.Linear(16, 50, bias=False)) is None
     finally:
         torch.set_float32_matmul_precision(precision)
+    assert grouped_argmax_error_scale(nn.Linear(16, 50, bias=False)) is not None
 
 
 class _Counting(nn.Linear):

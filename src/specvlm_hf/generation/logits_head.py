@@ -91,6 +91,17 @@ def head_mode_for(head: Callable | None, dtype: torch.dtype) -> str:
     return "row" if dtype == torch.float32 else "block"
 
 
+def _full_precision_float32_matmul() -> bool:
+    """Whether CPU float32 matrix products run in float32 (not allowed to use bf16/TF32 internally)."""
+    matmul = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    if getattr(matmul, "fp32_precision", "none") not in ("none", "ieee"):
+        return False
+    try:
+        return torch.get_float32_matmul_precision() == "highest"
+    except RuntimeError:  # legacy and new precision APIs mixed: do not guess
+        return False
+
+
 def grouped_argmax_error_scale(head: Callable | None) -> float | None:
     """
     `MARGIN_FACTOR * gamma_K * max_j ||W_j||` of a plain float32 linear head (no bias), the per-unit-`||h||` margin
@@ -100,7 +111,7 @@ def grouped_argmax_error_scale(head: Callable | None) -> float | None:
     """
     if not isinstance(head, nn.Linear) or head.bias is not None or head.weight.dtype != torch.float32:
         return None
-    if torch.get_float32_matmul_precision() != "highest":
+    if not _full_precision_float32_matmul():
         return None
     unit = 2.0**-24
     k = head.in_features
