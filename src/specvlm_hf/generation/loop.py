@@ -10,10 +10,13 @@ count) keep the per-row loop below (routed explicitly, [`_batched_route`]). The 
 
 1. prefill the target (vision encoding included) with `output_hidden_states` for the draft's taps; emit the first
    token exactly as plain decoding does;
-2. each cycle: the draft proposes an EAGLE-2 tree; ONE target forward verifies root + nodes with an additive 4-D tree
-   mask and depth positions (3-axis mRoPE for Qwen2-VL/Qwen2.5-VL); walk the tree applying the logits processors to
-   each node's own prefix (argmax, or a multinomial draw that consumes the RNG like plain sampling), checking every
-   stopping criterion after every emitted token; compact the KV cache in place; feed the accepted features to the draft.
+2. each cycle: the draft proposes an EAGLE-2 tree (unless the adaptive rule finds it not worth its cost this cycle,
+   `adaptive.py`), the n-gram branch is merged in (`ngram.py`); ONE target forward verifies root + nodes with an
+   additive 4-D tree mask and depth positions (3-axis mRoPE for Qwen2-VL/Qwen2.5-VL); walk the tree applying the
+   logits processors to each node's own prefix (argmax, or a multinomial draw that consumes the RNG like plain
+   sampling; the head's rows come from `logits_head.py`), checking every stopping criterion after every emitted token
+   (from the emitted tokens at once for max-length / eos criteria, `stopping.py`); compact the KV cache in place;
+   hand the accepted features to the draft, which catches up on them before its next tree.
 
 With a draft that has an elastic visual compressor, step 1 hands the drafter a mask of the prompt's visual positions
 (and, where the layout gives one, each image's raster grid: square runs of LLaVA / Gemma3 / Idefics3, the mRoPE
