@@ -100,6 +100,17 @@ def _sizer_after(cycles: int, *, accepted: int, predicted: float, ngram_matched:
     return sizer
 
 
+def test_a_borderline_cycle_keeps_drafting(monkeypatch):
+    """Skipping needs the modelled rate without the draft to win by more than `SKIP_MARGIN`."""
+    from specvlm_hf.generation import adaptive
+
+    useless = _sizer_after(20, accepted=0, predicted=3.0, ngram_matched=10)
+    useless.expect_ngram(10)
+    assert not useless.should_draft()
+    monkeypatch.setattr(adaptive, "SKIP_MARGIN", 1e6)
+    assert useless.should_draft()
+
+
 def test_drafting_is_skipped_when_it_does_not_pay_and_probed_again():
     """`should_draft`: true during the warm-up; false when the draft's expected tokens do not pay for its steps,
     catch-up and extra verification rows (a useless draft beside a reliable n-gram branch, or beside nothing: then

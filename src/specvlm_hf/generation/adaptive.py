@@ -30,7 +30,8 @@ The rule (documented once, here):
   of the kept gain and node count of the trees drafted so far; `t_catch_up`: the draft's own time per cycle outside
   its expansion steps: the catch-up forward and the root's head), is compared with the rate without it,
   `(1 + G) / (cost(L) + t_loop)`: the n-gram branch alone (or the root alone, a plain decoding step, without a
-  candidate). When drafting does not pay, the cycle verifies without the draft's tree and the draft's catch-up is
+  candidate). When the rate without it is higher by more than `SKIP_MARGIN` (10 %: the inputs are moving averages,
+  and borderline cycles are better drafted), the cycle verifies without the draft's tree and the draft's catch-up is
   deferred: the tokens committed meanwhile are caught up in one forward when it drafts again. After `PROBE_EVERY`
   cycles without drafting it drafts once to re-measure. On text the context repeats, this is prompt lookup's regime at
   prompt lookup's cost; with a draft that predicts nothing, it is plain decoding plus a probe every few cycles.
@@ -52,6 +53,9 @@ DECAY = 0.9
 WARMUP_CYCLES = 4
 #: Consecutive cycles without drafting after which the draft drafts once to re-measure its value.
 PROBE_EVERY = 8
+#: A cycle skips the draft only when the modelled rate without it beats the rate with it by more than this fraction
+#: (the model's inputs are moving averages; a margin keeps borderline cycles drafting).
+SKIP_MARGIN = 0.1
 
 
 @dataclass
@@ -155,7 +159,7 @@ class AdaptiveTreeSizer:
         drafted_cost = float(self.verify_cost(self._kept_nodes + branch)) + self._draft_seconds() + self.loop_seconds
         drafted = (1.0 + self.ngram_gain + self._draft_share() * self.calibration * self._kept_gain) / max(
             drafted_cost, 1e-6)
-        return drafted > plain
+        return drafted * (1.0 + SKIP_MARGIN) > plain
 
     def observe(
         self,
