@@ -44,6 +44,19 @@ def test_dtype_policy(monkeypatch):
     assert demo.choose_dtype("auto", "meta").dtype == torch.float32
 
 
+def test_draft_dtype_policy(monkeypatch):
+    """The draft's dtype never changes the output (the target verifies), so `auto` picks bf16 for a float32 target
+    wherever bf16 matrix units exist, without the exactness probes; otherwise the target's dtype."""
+    monkeypatch.setattr(demo, "cpu_has_native_bf16", lambda: True)
+    choice = demo.choose_draft_dtype("auto", torch.float32)
+    assert choice.dtype == torch.bfloat16 and "float32 target verifies every token" in choice.reason
+    assert demo.choose_draft_dtype("auto", torch.bfloat16).dtype == torch.bfloat16
+    assert demo.choose_draft_dtype("float32", torch.float32) == demo.DtypeChoice(torch.float32, "--draft-dtype float32")
+    monkeypatch.setattr(demo, "cpu_has_native_bf16", lambda: False)
+    choice = demo.choose_draft_dtype("auto", torch.float32)
+    assert choice.dtype == torch.float32 and "the target's dtype" in choice.reason
+
+
 def test_dtype_policy_checks_the_targets_own_projections(monkeypatch):
     from transformers import LlamaConfig
 

@@ -370,6 +370,27 @@ def choose_dtype(
     return DtypeChoice(torch.bfloat16, f"--dtype auto: {why} and the exact-verification probe passes")
 
 
+def choose_draft_dtype(name: str, target_dtype: torch.dtype, device: torch.device | str = "cpu") -> DtypeChoice:
+    """
+    The draft's dtype (`specvlm bench --draft-dtype`, default `auto`). The draft only proposes tokens and the target
+    verifies them in its own dtype, so the draft's dtype never changes the output, only how fast it drafts: `auto`
+    runs a draft of a float32 target in bfloat16 where the device has native bf16 matrix units (the same check as
+    [`choose_dtype`], without the exactness probes, which concern the target), and in the target's dtype otherwise.
+    Any other `name` is taken as given.
+
+    Returns:
+        [`DtypeChoice`]: the dtype and a one-line reason.
+    """
+    if name != "auto":
+        return DtypeChoice(getattr(torch, name), f"--draft-dtype {name}")
+    if target_dtype != torch.float32:
+        return DtypeChoice(target_dtype, "--draft-dtype auto: the target's dtype")
+    native, why = _native_bf16(torch.device(device))
+    if native:
+        return DtypeChoice(torch.bfloat16, f"--draft-dtype auto: {why}; the float32 target verifies every token")
+    return DtypeChoice(torch.float32, f"--draft-dtype auto: the target's dtype ({why})")
+
+
 def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
     """The dtype of [`choose_dtype`] (`"auto"` -> bfloat16 or float32 by the policy; else the named dtype)."""
     return choose_dtype(name, device).dtype

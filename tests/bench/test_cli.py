@@ -364,6 +364,32 @@ def test_dtype_auto_is_the_default_and_recorded(tiny_bench_assets, tmp_path, mon
     assert meta["dtype_reason"] == "auto on cpu: test policy" and meta["noise_floor"] is None
 
 
+def test_draft_dtype_flag_casts_the_drafts_and_is_recorded(tiny_bench_assets, tmp_path, monkeypatch):
+    from specvlm_hf.bench import cli as bench_cli
+    from specvlm_hf.generation import loop
+
+    assert bench_cli.make_parser().parse_args([]).draft_dtype == "auto"
+    seen = []
+    original = loop._decode
+
+    def spy(target, draft, *args, **kwargs):
+        seen.append((target.dtype, next(draft.parameters()).dtype))
+        return original(target, draft, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "_decode", spy)
+    small = ("--methods", "generate", "specvlm_tree", "--temperature", "0", "--repeats", "1", "--max-prompts", "1",
+             "--no-calibrate", "--no-noise-floor")
+    assert main(_args(tiny_bench_assets, tmp_path, *small, "--draft-dtype", "bfloat16")) == 0
+    assert seen and set(seen) == {(torch.float32, torch.bfloat16)}  # an fp32 target beside a bf16 draft
+    records = json.loads((tmp_path / "results.json").read_text())
+    assert next(r for r in records if r["method"] == "specvlm_tree")["exact_match"] == 1.0  # the target decides
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["draft_dtype"] == meta["settings"]["draft_dtype"] == "bfloat16"
+    assert meta["draft_dtype_reason"] == "--draft-dtype bfloat16"
+    code = main(_args(tiny_bench_assets, tmp_path, *small, "--draft-dtype", "float32", "--resume"))
+    assert code == 2  # --resume refuses records measured with another draft dtype
+
+
 def test_exact_verification_flag_reaches_the_specvlm_calls_and_the_settings(tiny_bench_assets, tmp_path):
     from specvlm_hf.bench import cli as bench_cli
 

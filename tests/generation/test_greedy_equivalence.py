@@ -118,3 +118,19 @@ def test_lazy_head_reproduces_the_models_own_logits():
     assert capped_head is not None and capped_head is not target.get_output_embeddings()
     torch.testing.assert_close(capped_head(final[:, 2:3])[0], capped[:, 2], rtol=1e-5, atol=1e-5)
     assert find_logits_head(target, final[:, -1:], out.logits[:, -1] * 3.0) is None  # unknown post-processing
+
+
+@pytest.mark.parametrize("family,with_image,batch_size", [c for c in CASES if c[1] or c[0] not in MULTIMODAL_FAMILIES])
+def test_a_bfloat16_draft_beside_a_float32_target_is_lossless(targets, family, with_image, batch_size):
+    """The draft only proposes: a bf16 copy of it (cheaper steps on CPUs with bf16 units, `specvlm bench
+    --draft-dtype`) leaves the float32 target's greedy output unchanged, with and without the batched route."""
+    import copy
+
+    target, draft = targets(family)
+    draft = copy.deepcopy(draft).to(torch.bfloat16)
+    inputs = make_inputs(family, target, with_image=with_image, batch_size=batch_size)
+    reference = target.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
+    for batched in ((True, False) if batch_size > 1 else (True,)):
+        out = target.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, assistant_model=draft,
+                              tree_batched=batched)
+        assert out.tolist() == reference.tolist()

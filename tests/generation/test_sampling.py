@@ -89,6 +89,19 @@ def test_sampling_is_bit_identical_to_plain_sampling(family, with_image, setting
         assert spec.tolist() == plain.tolist()
 
 
+def test_sampling_with_a_bfloat16_draft_is_bit_identical_to_plain_sampling():
+    target = build_tiny_target("llava")
+    torch.manual_seed(1)
+    draft = SpecVLMDraftModel.from_target(target).to(torch.bfloat16)
+    inputs = make_inputs("llava", target, with_image=True)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        plain = target.generate(**inputs, max_new_tokens=20, do_sample=True, top_k=20)
+        torch.manual_seed(seed)
+        spec = target.generate(**inputs, max_new_tokens=20, do_sample=True, top_k=20, assistant_model=draft)
+        assert spec.tolist() == plain.tolist()
+
+
 def test_sampling_law_end_to_end_small_vocab():
     """Empirical law of the first generated tokens with and without the draft agree (two-sample TV)."""
     target = build_tiny_target("llama", vocab_size=16)

@@ -74,6 +74,7 @@ import torch
 from ..demo import (
     DTYPE_NAMES,
     OneLineErrorParser,
+    choose_draft_dtype,
     choose_dtype,
     non_negative_int,
     positive_int,
@@ -90,7 +91,7 @@ TRUNCATED_PREFIX = "truncated:"
 RESUME_SETTINGS = (
     "target", "draft", "compressor_drafts", "assistant", "device", "dtype", "attn_implementation", "prompts_file",
     "num_prompts", "max_new_tokens", "cap_new_tokens", "repeats", "top_k", "top_p", "seed", "chain_depth",
-    "prompt_lookup_num_tokens", "num_assistant_tokens", "num_threads", "calibrate", "exact_verification",
+    "prompt_lookup_num_tokens", "num_assistant_tokens", "num_threads", "calibrate", "exact_verification", "draft_dtype",
 )
 
 
@@ -155,6 +156,10 @@ def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
     models.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
                         help="model dtype (default: auto = bfloat16 where the device has native bf16 matrix units, "
                         "AVX512-BF16/AMX on CPUs, and the exact-verification probe passes; float32 otherwise)")
+    models.add_argument("--draft-dtype", choices=["auto", *sorted(DTYPES)], default="auto",
+                        help="dtype of the SpecVLM drafts (the target verifies every token, so it never changes the "
+                        "output): auto = bfloat16 for a float32 target on a device with native bf16 matrix units, "
+                        "the target's dtype otherwise (default: auto)")
     models.add_argument("--exact-verification", choices=["auto", "on", "off"], default="auto",
                         help="exact verification of the SpecVLM methods (generate(..., exact_verification=)): auto = "
                         "the loop's choice (on for bf16/fp16 CPUs where it makes greedy output bitwise plain "
@@ -405,6 +410,7 @@ def _run_settings(args: argparse.Namespace, prompts_file: Path, num_prompts: int
         "num_threads": args.num_threads,
         "calibrate": args.calibrate,
         "exact_verification": args.exact_verification,
+        "draft_dtype": getattr(args, "draft_dtype", None),
     }
 
 
@@ -508,13 +514,16 @@ def main(argv: list[str] | None = None) -> int:
     # at hand
     dtype_choice = choose_dtype(args.dtype, args.device, linear_shapes=target_linear_shapes(args.target))
     args.dtype = dtype_choice.name
+    draft_dtype_choice = choose_draft_dtype(args.draft_dtype, dtype_choice.dtype, args.device)
+    args.draft_dtype = draft_dtype_choice.name
     run_settings = _run_settings(args, prompts_file, len(prompts), variant_specs)
     if previous_records:
         check_resumable(previous_meta, run_settings, out)
     else:
         previous_meta = None
     done = {record_key(r) for r in previous_records}
-    print(f"[specvlm bench] dtype: {dtype_choice.name} ({dtype_choice.reason})", file=sys.stderr)
+    print(f"[specvlm bench] dtype: {dtype_choice.name} ({dtype_choice.reason}); drafts: {draft_dtype_choice.name} "
+          f"({draft_dtype_choice.reason})", file=sys.stderr)
 
     meta: dict[str, Any] = {
         "status": "loading models",
@@ -526,6 +535,8 @@ def main(argv: list[str] | None = None) -> int:
         "device": args.device,
         "dtype": args.dtype,
         "dtype_reason": dtype_choice.reason,
+        "draft_dtype": args.draft_dtype,
+        "draft_dtype_reason": draft_dtype_choice.reason,
         "prompts_file": str(prompts_file),
         "num_prompts": len(prompts),
         "repeats": args.repeats,
@@ -632,6 +643,10 @@ def _measure(
         draft = load_draft(args.draft, target, dtype, args.device)
     compressor_drafts = {name: load_draft(path, target, dtype, args.device, "--compressor-draft")
                          for name, path in variant_specs}
+    draft_dtype = DTYPES[args.draft_dtype]
+    if draft is not None:
+        draft = draft.to(draft_dtype)  # the target verifies every token in its own dtype (choose_draft_dtype)
+    compressor_drafts = {name: variant.to(draft_dtype) for name, variant in compressor_drafts.items()}
     if compressor_drafts and all(compressor_summary(d) is None for d in compressor_drafts.values()):
         print("[specvlm bench] warning: no --compressor-draft has an elastic compressor; the specvlm_tree_compressor "
               "records only measure compressor-less drafts", file=sys.stderr)
