@@ -39,7 +39,9 @@ compressor" table (acceptance, speedup and the draft's prefill time, tokens, GFL
 Dtype: `--dtype auto` (the default) runs bfloat16 where the device has native bf16 matrix units (CPU: AVX512-BF16 or
 AMX; CUDA: bf16 support) and the exact-verification probe passes, float32 otherwise
 (`specvlm_hf.demo.choose_dtype`); the choice and its reason are printed and recorded in `meta.json` (`dtype`,
-`dtype_reason`).
+`dtype_reason`). `--draft-dtype auto` (the default) runs the SpecVLM drafts of a float32 target in bfloat16 where the
+device has native bf16 matrix units (the target verifies every token, so the output is unchanged;
+`specvlm_hf.demo.choose_draft_dtype`), recorded as `draft_dtype` / `draft_dtype_reason`.
 
 Exactness audit (temperature 0): every record lists its `divergences` from plain `generate` (row, first differing
 token, the target's top-2 logit margin there), and in bfloat16/float16 the noise floor of plain decoding itself
