@@ -493,20 +493,14 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tiny", action="store_true", help="Use the tiny random LLaVA even if the pocket VLM is available.")
     parser.add_argument("--max-new-tokens", type=positive_int, default=None,
                         help="Tokens to generate (default 96 pocket / 48 tiny).")
-    parser.add_argument(
-        "--dtype",
-        choices=("auto", *DTYPE_NAMES),
-        default="auto",
-        help="Pocket VLM dtype (default: auto = bfloat16 where the CPU has native bf16 matrix units, AVX512-BF16/AMX, "
-        "and the exact-verification probe passes; float32 otherwise).",
-    )
-    parser.add_argument(
-        "--draft-dtype",
-        choices=("auto", *DTYPE_NAMES),
-        default="auto",
-        help="Pocket draft dtype; it never changes the output (default: auto = bfloat16 for a float32 VLM on a CPU "
-        "with native bf16 matrix units, the VLM's dtype otherwise).",
-    )
+    dtype_flags = {
+        "--dtype": "Pocket VLM dtype (default: auto = bfloat16 where the CPU has native bf16 matrix units, "
+        "AVX512-BF16/AMX, and the exact-verification probe passes; float32 otherwise).",
+        "--draft-dtype": "Pocket draft dtype; it never changes the output (default: auto = bfloat16 for a float32 VLM "
+        "on a CPU with native bf16 matrix units, the VLM's dtype otherwise).",
+    }
+    for flag, help_text in dtype_flags.items():
+        parser.add_argument(flag, choices=("auto", *DTYPE_NAMES), default="auto", help=help_text)
     parser.add_argument("--image", default=None, metavar="PATH",
                         help="Pocket VLM only: the photo to describe (default: a held-out benchmark photo).")
     parser.add_argument("--prompt", default=None, metavar="TEXT",
