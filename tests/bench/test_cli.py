@@ -303,6 +303,10 @@ def test_oracle_records_carry_depth_bound_and_time_fractions(oracle_run):
             assert 0.0 <= record["undrafted_fraction"] <= 1.0
         else:
             assert record["undrafted_fraction"] is None
+        if record["method"] == "specvlm_tree" and record["available"] and record["undrafted_fraction"] < 1:
+            assert record["draft_step_seconds"] > 0 and record["draft_step_ratio"] > 0
+        else:  # the oracle replays without a draft forward; other methods have no draft steps
+            assert record["draft_step_seconds"] is None and record["draft_step_ratio"] is None
         if record["available"] and record["temperature"] == 0:
             assert isinstance(record["divergences"], list)
             assert len(record["divergences"]) == round((1 - record["exact_match"]) * 2)  # two prompts, batch 1
@@ -318,11 +322,12 @@ def test_noise_floor_and_report_sections(oracle_run):
     assert meta["dtype"] == "bfloat16" and meta["dtype_reason"] == "--dtype bfloat16"
     assert meta["oracle_depths"] == [2, 4]
     markdown = (oracle_run / "results.md").read_text()
-    assert "| Divergences | Time target / draft / loop | Exact verif. | Undrafted cycles |" in markdown
+    assert ("| Divergences | Time target / draft / loop | Draft step / decode step | Exact verif. | Undrafted cycles |"
+            in markdown)
     assert "## Exactness (T = 0)" in markdown and "Noise floor of plain decoding: plain bfloat16" in markdown
     assert "## Oracle (perfect draft)" in markdown and "| oracle:depth4 | 0 |" in markdown
     for key in ("divergences", "noise_floor", "time_fractions", "bound", "fraction_of_bound", "oracle_depth",
-                "end_to_end_bound", "undrafted_fraction"):
+                "end_to_end_bound", "undrafted_fraction", "draft_step_seconds", "draft_step_ratio"):
         assert f"- `{key}`:" in markdown
 
 

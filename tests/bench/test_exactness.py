@@ -14,7 +14,8 @@ from specvlm_hf.bench.exactness import (
     top2_margins,
 )
 from specvlm_hf.bench.methods import Method, TreeSettings, build_methods, record_label
-from specvlm_hf.bench.runner import BenchSettings, RunResult, aggregate, oracle_bound, record_key, time_fractions
+from specvlm_hf.bench.runner import (BenchSettings, RunResult, aggregate, oracle_bound, plain_decode_step_seconds,
+                                     record_key, time_fractions)
 from specvlm_hf.generation.stats import SpeculationStats
 from specvlm_hf.testing.tiny_models import build_tiny_target, make_inputs
 
@@ -124,6 +125,15 @@ def test_oracle_bound_and_fraction():
     assert values["fraction_of_end_to_end_bound"] == pytest.approx(2.2 / 2.2)
     empty = oracle_bound([], SpeculationStats(), {}, None, None)
     assert all(value is None for value in empty.values())
+
+
+def test_plain_decode_step_counts_one_step_per_token_of_the_longest_row():
+    # batch 2: rows of 11 and 6 tokens -> 10 decode steps after the first token, 1.0 s after a 0.1 s first token
+    batched = [(None, _run("generate", 0, 1.1, [list(range(11)), list(range(6))]))]
+    assert plain_decode_step_seconds(batched, {0: 0.1}) == pytest.approx(0.1)
+    single = [(None, _run("generate", u, 1.1, [list(range(11))])) for u in (0, 1)]
+    assert plain_decode_step_seconds(single, {0: 0.1, 1: 0.1}) == pytest.approx(0.1)
+    assert plain_decode_step_seconds([(None, _run("generate", 0, 0.1, [[5]]))], {0: 0.1}) is None  # nothing decoded
 
 
 def test_oracle_records_per_depth_and_only_at_temperature_zero():

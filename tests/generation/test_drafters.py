@@ -110,6 +110,30 @@ def test_time_accounting(llava):
     assert stats.to_dict()["time_fractions"] == fractions
 
 
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_draft_step_accounting(llava, batch_size):
+    """Every expansion step of a fixed depth-4 tree is timed: 3 steps per drafted tree (batch 2: one batched step for
+    both rows), inside the draft's time; the replay diagnostic takes none."""
+    target, draft = llava
+    inputs = make_inputs("llava", target, with_image=True, batch_size=batch_size)
+    out = target.generate(**inputs, max_new_tokens=12, do_sample=False, assistant_model=draft, tree_depth=4,
+                          tree_adaptive=False, tree_ngram_tokens=0, return_dict_in_generate=True)
+    stats = out.speculation
+    assert stats.undrafted_cycles == 0 and stats.draft_steps > 0
+    if batch_size == 1:
+        assert stats.draft_steps == 3 * stats.target_forwards  # one tree per cycle
+    else:
+        assert stats.draft_steps == 3 * stats.batched_forwards  # one batched tree per cycle, all rows
+    assert 0 < stats.draft_step_seconds < stats.draft_seconds
+    assert stats.mean_draft_step_seconds == pytest.approx(stats.draft_step_seconds / stats.draft_steps)
+    assert stats.to_dict()["mean_draft_step_seconds"] == stats.mean_draft_step_seconds
+    plain = target.generate(**inputs, max_new_tokens=12, do_sample=False)
+    replay = target.generate(**inputs, max_new_tokens=12, do_sample=False, assistant_model=draft, tree_depth=4,
+                             tree_drafter=ReplayDrafterFactory([row.tolist() for row in plain]), tree_ngram_tokens=0,
+                             return_dict_in_generate=True)
+    assert replay.speculation.draft_steps == 0 and replay.speculation.mean_draft_step_seconds is None
+
+
 def test_replay_factory_refuses_a_missing_row(llava):
     target, draft = llava
     inputs = make_inputs("llava", target, with_image=True, batch_size=2)

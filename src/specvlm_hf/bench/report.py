@@ -102,6 +102,10 @@ CONVENTIONS = {
     "undrafted_fraction": "SpecVLM methods: fraction of verification cycles whose tree held no draft node (adaptive "
     "trees found drafting not worth its cost and verified the n-gram branch or the root alone; "
     "out.speculation.undrafted_cycles / target_forwards)",
+    "draft_step_seconds": "SpecVLM methods: mean wall time of one tree expansion step (a draft forward over the "
+    "tree's frontier plus its LM head; out.speculation.draft_step_seconds / draft_steps)",
+    "draft_step_ratio": "SpecVLM methods: draft_step_seconds / plain generate's decode step in the same run ((wall "
+    "time - time to first token) / steps after the first token, one step per token of a call's longest row)",
     "end_to_end_bound": "oracle only: the same bound with the prefill counted as plain generate pays it: summed plain "
     "wall time / (summed time to first token + the oracle's verification seconds), the end-to-end speedup of a call "
     "whose drafting and loop cost nothing; fraction_of_end_to_end_bound = speedup / end_to_end_bound",
@@ -195,10 +199,10 @@ def render_markdown(records: list[dict], meta: dict) -> str:
     for batch_size in sorted({r["batch_size"] for r in records}):
         header = (
             "| Method | T | Speedup | Decode speedup | Tokens/s | Accept len (incl. bonus) | (excl.) | Exact match "
-            "| Divergences | Time target / draft / loop | Exact verif. | Undrafted cycles | Peak MiB (+ over baseline) "
-            "| Tree (k/depth/nodes) | Note |"
+            "| Divergences | Time target / draft / loop | Draft step / decode step | Exact verif. | Undrafted cycles "
+            "| Peak MiB (+ over baseline) | Tree (k/depth/nodes) | Note |"
         )
-        lines += [f"## Batch size {batch_size}", "", header, "|---" * 15 + "|"]
+        lines += [f"## Batch size {batch_size}", "", header, "|---" * 16 + "|"]
         for r in (r for r in records if r["batch_size"] == batch_size):
             tree = f"{r['tree_top_k']}/{r['tree_depth']}/{r['tree_total_tokens']}" if r.get("tree_depth") else "–"
             note = (r.get("note") or "").replace("|", "/").replace("\n", " ")
@@ -207,7 +211,8 @@ def render_markdown(records: list[dict], meta: dict) -> str:
                 f"| {_fmt(r.get('decode_speedup'), suffix='×')} | {_fmt(r.get('tokens_per_s'), 1)} "
                 f"| {_fmt(r.get('mean_accept_len'))} | {_fmt(r.get('mean_accept_len_no_bonus'))} "
                 f"| {_fmt(r.get('exact_match'))} | {_divergence_summary(r.get('divergences'))} "
-                f"| {_fractions(r.get('time_fractions'))} | {_yes_no(r.get('exact_verification'))} "
+                f"| {_fractions(r.get('time_fractions'))} | {_fmt(r.get('draft_step_ratio'), 3)} "
+                f"| {_yes_no(r.get('exact_verification'))} "
                 f"| {_fmt(r.get('undrafted_fraction'))} | {_fmt(r.get('peak_memory_mib'), 0)} (+{_fmt(r.get('peak_memory_increase_mib'), 1)}) | {tree} "
                 f"| {note} |"
             )

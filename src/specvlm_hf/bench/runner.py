@@ -28,7 +28,9 @@ tokens equal plain `generate`'s in the same repetition), `None` at `T > 0`; `div
 differs from the plain reference, with the first differing token and the target's top-2 margin there); peak memory;
 for SpecVLM methods the draft's prefill cost per prompt (`draft_prefill_ms`, `draft_prefill_tokens`,
 `draft_prefill_gflops`, `draft_kv_mib`), the compressor's choices (`compressor_choices`), `time_fractions` (target
-forwards / draft / the loop's own time, from `out.speculation`, time-weighted over the method's calls) and
+forwards / draft / the loop's own time, from `out.speculation`, time-weighted over the method's calls),
+`draft_step_seconds` (mean tree expansion step: one draft forward over the frontier plus its head) and
+`draft_step_ratio` (that step over plain `generate`'s decode step in the same run, [`plain_decode_step_seconds`]) and
 `exact_verification`; for `oracle` records the bound `mean_accept_len * t_token / t_verify` and `fraction_of_bound`
 ([`oracle_bound`]).
 
@@ -65,6 +67,7 @@ __all__ = [
     "aggregate",
     "interleaved_schedule",
     "oracle_bound",
+    "plain_decode_step_seconds",
     "record_key",
     "rotated",
     "run_benchmark",
@@ -596,6 +599,17 @@ ORACLE_KEYS = ("t_token_seconds", "t_verify_seconds", "bound", "fraction_of_boun
                "end_to_end_bound", "fraction_of_end_to_end_bound")
 
 
+def plain_decode_step_seconds(paired: Sequence[tuple[RunResult, RunResult]], ttft_median: Mapping[int, float]) -> float | None:
+    """
+    Plain `generate`'s time per decode step over the calls of `paired`: (wall time - time to first token) / decode
+    steps after the first token, one step per token of the call's longest row (a batched step decodes every row).
+    `None` when no call decoded past its first token.
+    """
+    seconds = sum(p.seconds - ttft_median.get(p.unit, 0.0) for _, p in paired)
+    steps = sum(max(max((len(row) for row in p.outputs), default=0) - 1, 0) for _, p in paired)
+    return seconds / steps if steps and seconds > 0 else None
+
+
 def oracle_bound(
     paired: Sequence[tuple[RunResult, RunResult]],
     stats: SpeculationStats,
@@ -718,6 +732,8 @@ def aggregate(
                 "exact_verification": None,
                 "batched_forwards": None,
                 "undrafted_fraction": None,
+                "draft_step_seconds": None,
+                "draft_step_ratio": None,
                 "exact_match_per_row": None,
                 **(dict.fromkeys(ORACLE_KEYS) if method.is_oracle else {}),
             }
@@ -763,6 +779,10 @@ def aggregate(
                     undrafted_fraction=(getattr(stats, "undrafted_cycles", 0) / stats.target_forwards
                                         if stats.target_forwards else None),
                 )
+                step = stats.mean_draft_step_seconds
+                plain_step = plain_decode_step_seconds(paired, ttft_median)
+                record.update(draft_step_seconds=step,
+                              draft_step_ratio=step / plain_step if step and plain_step else None)
                 if batch_size > 1:
                     how = ("all unfinished rows verified in one forward per cycle" if stats.batched_forwards
                            else "rows verified one after another after one batched prefill")

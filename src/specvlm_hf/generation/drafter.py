@@ -267,6 +267,8 @@ class EagleTreeDrafter:
         if n_fed:
             self.cache.crop(-n_fed)
         self.stats.seconds += step_seconds
+        self.stats.step_seconds += step_seconds
+        self.stats.steps += max(depth - 1, 0)
         self.last_step_seconds = step_seconds / (depth - 1) if depth > 1 else None
 
         tokens = torch.cat(rec_tokens).cpu()
@@ -314,6 +316,8 @@ class BatchedEagleTreeDrafter:
             prefill_tokens=sum(row.stats.prefill_tokens for row in rows),
             prefill_seconds=sum(row.stats.prefill_seconds for row in rows),
             seconds=sum(row.stats.seconds for row in rows),
+            step_seconds=sum(row.stats.step_seconds for row in rows),
+            steps=sum(row.stats.steps for row in rows),
         )
         for row in rows:  # the visual compressor's choices of every row's prefill
             for name, count in row.stats.compressor_choices.items():
@@ -461,6 +465,8 @@ class BatchedEagleTreeDrafter:
         if n_fed:
             self.cache.crop(-n_fed)
         self.stats.seconds += step_seconds
+        self.stats.step_seconds += step_seconds
+        self.stats.steps += max(depth - 1, 0)
         self.last_step_seconds = step_seconds / (depth - 1) if depth > 1 else None
 
         tokens = torch.cat(rec_tokens, dim=1).cpu()  # one transfer for every row

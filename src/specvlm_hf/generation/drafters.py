@@ -47,6 +47,9 @@ class DrafterStats:
         prefill_tokens (`int`): entries the prefill wrote to the draft's cache (fewer with a visual compressor).
         prefill_seconds (`float`): wall time of the prefill.
         seconds (`float`): wall time inside the draft's forwards and its LM head (prefill included).
+        step_seconds (`float`): the part of `seconds` spent in tree expansion steps (a step: one draft forward over the
+            frontier plus its LM head).
+        steps (`int`): tree expansion steps taken (`step_seconds / steps` is the mean cost of one step).
         compressor_choices (`dict[str, int]`): primitive chosen by the draft's visual compressor, when it ran.
     """
 
@@ -54,6 +57,8 @@ class DrafterStats:
     prefill_tokens: int = 0
     prefill_seconds: float = 0.0
     seconds: float = 0.0
+    step_seconds: float = 0.0
+    steps: int = 0
     compressor_choices: dict[str, int] = field(default_factory=dict)
 
 

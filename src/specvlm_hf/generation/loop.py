@@ -638,6 +638,8 @@ def _with_drafter_stats(row_stats: SpeculationStats, drafter_stats) -> Speculati
     row_stats.draft_prefill_tokens = drafter_stats.prefill_tokens
     row_stats.draft_prefill_seconds = drafter_stats.prefill_seconds
     row_stats.draft_seconds = drafter_stats.seconds
+    row_stats.draft_step_seconds = drafter_stats.step_seconds
+    row_stats.draft_steps = drafter_stats.steps
     row_stats.compressor_choices = drafter_stats.compressor_choices
     return row_stats
 

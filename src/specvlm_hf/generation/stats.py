@@ -38,6 +38,9 @@ class SpeculationStats:
         target_prefill_seconds (`float`): the part of `target_seconds` spent in the prefill.
         draft_seconds (`float`): wall time inside the draft's forwards (prefill, catch-up and tree expansion, its
             LM head included).
+        draft_step_seconds (`float`): the part of `draft_seconds` spent in tree expansion steps (one step: a draft
+            forward over the tree's frontier plus its LM head).
+        draft_steps (`int`): tree expansion steps; a batched step drafting several rows at once counts once.
         total_seconds (`float`): wall time of the whole decoding call; `total - target - draft` is the loop's own
             time (tree building, masks, acceptance walk, stopping checks, cache compaction, Python).
         verify_seconds_per_forward (`list[float]`): wall time of every verification forward (its lazily applied LM
@@ -68,6 +71,8 @@ class SpeculationStats:
     target_seconds: float = 0.0
     target_prefill_seconds: float = 0.0
     draft_seconds: float = 0.0
+    draft_step_seconds: float = 0.0
+    draft_steps: int = 0
     total_seconds: float = 0.0
     verify_seconds_per_forward: list[float] = field(default_factory=list)
     batched_forwards: int = 0
@@ -92,7 +97,8 @@ class SpeculationStats:
         out = SpeculationStats(**asdict(self))
         for name in ("target_forwards", "draft_forwards", "tokens_emitted", "accepted_draft_tokens", "drafted_tokens",
                      "prefill_tokens", "draft_prefill_tokens", "draft_prefill_seconds", "target_seconds",
-                     "target_prefill_seconds", "draft_seconds", "batched_forwards", "undrafted_cycles"):
+                     "target_prefill_seconds", "draft_seconds", "draft_step_seconds", "draft_steps", "batched_forwards",
+                     "undrafted_cycles"):
             setattr(out, name, getattr(self, name) + getattr(other, name))
         out.exact_verification = self.exact_verification or other.exact_verification
         out.total_seconds = max(self.total_seconds, other.total_seconds)  # one call's wall time, not a per-row sum
@@ -128,6 +134,11 @@ class SpeculationStats:
         return [count / self.target_forwards for count in self.depth_reached]
 
     @property
+    def mean_draft_step_seconds(self) -> float | None:
+        """Mean wall time of one tree expansion step (draft forward over the frontier + its head); `None` without one."""
+        return self.draft_step_seconds / self.draft_steps if self.draft_steps else None
+
+    @property
     def time_fractions(self) -> dict[str, float] | None:
         """
         Shares of the call's wall time: `target_forward` (the target's forwards), `draft` (the draft's forwards) and
@@ -146,6 +157,7 @@ class SpeculationStats:
             mean_accept_len=self.mean_accept_len,
             mean_accepted_draft_tokens=self.mean_accepted_draft_tokens,
             acceptance_per_depth=self.acceptance_per_depth,
+            mean_draft_step_seconds=self.mean_draft_step_seconds,
             time_fractions=self.time_fractions,
         )
         return data
