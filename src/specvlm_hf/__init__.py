@@ -22,6 +22,7 @@ _LAZY = {
     "OnlineDistillationConfig": "specvlm_hf.training",
     "OnlineDistillationTrainer": "specvlm_hf.training",
     "build_draft_vocab": "specvlm_hf.training",
+    "prune_draft_vocab": "specvlm_hf.training",
     "create_model_card": "specvlm_hf.hub",
     "push_draft_to_hub": "specvlm_hf.hub",
 }

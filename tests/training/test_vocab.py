@@ -6,7 +6,9 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from specvlm_hf.training import DistillationDataset, OnlineDistillationTrainer, build_draft_vocab, token_frequencies
+from specvlm_hf.training import (DistillationDataset, OnlineDistillationTrainer, build_draft_vocab, prune_draft_vocab,
+                                 token_frequencies)
+from specvlm_hf.testing import make_inputs
 
 from .training_helpers import make_records, tiny_args
 
@@ -58,3 +60,38 @@ def test_training_and_saving_a_reduced_vocabulary_draft(draft, target, processor
     loaded = AutoModel.from_pretrained(tmp_path / "saved")
     assert loaded.config.draft_vocab_size == 40 and torch.equal(loaded.d2t, ids)
     assert "reduced: 40 of 96 target tokens" in (tmp_path / "saved" / "README.md").read_text()
+
+
+def test_pruning_keeps_the_trained_head_rows(draft, target, tmp_path):
+    build_draft_vocab(draft, target, {i: 100 - i for i in range(3, 40)}, 12)  # ids 2 (eos), 3..13
+    with torch.no_grad():
+        draft.lm_head.weight.add_(torch.randn_like(draft.lm_head.weight))  # stands for training
+    before_ids, before_head = draft.d2t.clone(), draft.lm_head.weight.detach().clone()
+    hidden = torch.randn(3, draft.config.hidden_size)
+    logits_before = draft.compute_logits(hidden)
+    ids = prune_draft_vocab(draft, target, {13: 50, 11: 40, 5: 40, 60: 1000}, 4)  # 60 is not in the vocabulary
+    assert ids.tolist() == [2, 5, 11, 13] and draft.d2t.tolist() == ids.tolist()  # eos kept, ties by id
+    assert draft.config.draft_vocab_size == 4 and draft.lm_head.weight.shape == (4, draft.config.hidden_size)
+    rows = [before_ids.tolist().index(i) for i in ids.tolist()]
+    torch.testing.assert_close(draft.lm_head.weight, before_head[rows])  # the trained rows, not the target's
+    torch.testing.assert_close(draft.compute_logits(hidden), logits_before[:, rows])
+    draft.save_pretrained(tmp_path / "pruned")
+    loaded = AutoModel.from_pretrained(tmp_path / "pruned")
+    assert torch.equal(loaded.d2t, ids) and torch.equal(loaded.lm_head.weight, draft.lm_head.weight)
+    inputs = make_inputs("llava", target, with_image=True)
+    plain = target.generate(**inputs, max_new_tokens=12, do_sample=False)
+    assert torch.equal(target.generate(**inputs, max_new_tokens=12, do_sample=False, assistant_model=draft), plain)
+
+
+def test_pruning_refuses_what_it_cannot_do(draft, target):
+    with pytest.raises(ValueError, match="own reduced head"):
+        prune_draft_vocab(draft, target, {3: 1}, 4)  # the draft scores the full vocabulary with the target's head
+    build_draft_vocab(draft, target, {3: 5, 4: 4}, 6)
+    with pytest.raises(ValueError, match="size"):
+        prune_draft_vocab(draft, target, {3: 1}, 7)
+    with pytest.raises(ValueError, match="not in the draft's vocabulary"):
+        prune_draft_vocab(draft, target, {3: 1}, 4, always_include=[50])
+    with pytest.raises(ValueError, match="must be in the draft vocabulary"):
+        draft.shrink_draft_vocab(torch.tensor([3, 50]))
+    ids = prune_draft_vocab(draft, None, {3: 5, 4: 4}, 2)  # no target: nothing forced
+    assert ids.tolist() == [3, 4]

@@ -456,6 +456,35 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel):
         self._buffers["d2t"] = token_ids.to(self.fc.weight.device)  # registered (possibly as None) in __init__
         self.config.draft_vocab_size = int(token_ids.numel())
 
+    def shrink_draft_vocab(self, token_ids: torch.Tensor) -> None:
+        """
+        Keeps only `token_ids` of a reduced draft vocabulary, with the draft's own (trained) head rows: a smaller head
+        without retraining. Each step of the draft then reads fewer head weights; a token left out can still be emitted
+        (the target's bonus token) but no longer be drafted.
+
+        Args:
+            token_ids (`torch.LongTensor` of shape `(new_draft_vocab_size,)`): target ids to keep, all in the current
+                draft vocabulary (`self.d2t`); see `specvlm_hf.prune_draft_vocab` for a frequency-based choice.
+        """
+        if self.lm_head is None or self.d2t is None:
+            raise ValueError("This draft scores the target's full vocabulary with the target's head: give it a reduced "
+                             "vocabulary with `set_draft_vocab` (or `specvlm_hf.build_draft_vocab`) instead.")
+        token_ids = torch.as_tensor(token_ids, dtype=torch.long).flatten().unique(sorted=True).to(self.d2t.device)
+        order = torch.argsort(self.d2t)
+        sorted_ids = self.d2t[order]
+        where = torch.searchsorted(sorted_ids, token_ids).clamp(max=sorted_ids.numel() - 1)
+        missing = token_ids[sorted_ids[where] != token_ids]
+        if token_ids.numel() == 0 or missing.numel():
+            raise ValueError(f"every kept id must be in the draft vocabulary; {missing.numel()} are not "
+                             f"(first: {missing[:5].tolist()}).")
+        rows = order[where]
+        head = nn.Linear(self.config.hidden_size, token_ids.numel(), bias=False)
+        head = head.to(device=self.lm_head.weight.device, dtype=self.lm_head.weight.dtype)
+        head.weight.data.copy_(self.lm_head.weight.detach()[rows])
+        self.lm_head = head
+        self._buffers["d2t"] = token_ids
+        self.config.draft_vocab_size = int(token_ids.numel())
+
     # ------------------------------------------------------------------------------------------------------------
     # forward
     # ------------------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ COMMAND_EXTRAS: dict[str, tuple[tuple[str, str], ...]] = {
         ("matplotlib", "pocket-train"),
     ),
     "build-corpus": (("gguf", "pocket"), ("skimage", "pocket-train"), ("sklearn", "pocket-train")),
+    "prune-draft-vocab": (("gguf", "pocket"), ("skimage", "pocket-train"), ("sklearn", "pocket-train")),
     "train-compressors": (("gguf", "pocket"),),
     "draft-report": (("matplotlib", "pocket-train"),),
     "info": (),

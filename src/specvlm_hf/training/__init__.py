@@ -19,6 +19,7 @@ _EXPORTS = {
     "load_llava_records": "data",
     "parse_llava_record": "data",
     "build_draft_vocab": "vocab",
+    "prune_draft_vocab": "vocab",
     "token_frequencies": "vocab",
     "regenerate_answers": "self_distill",
     "chain_acceptance_length": "losses",
@@ -40,6 +41,7 @@ __all__ = [
     "load_llava_records",
     "masked_sum",
     "parse_llava_record",
+    "prune_draft_vocab",
     "regenerate_answers",
     "smooth_l1_feature_loss",
     "soft_cross_entropy",
@@ -54,7 +56,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .self_distill import regenerate_answers
     from .streaming import StreamingDistillationDataset
     from .trainer import OnlineDistillationTrainer
-    from .vocab import build_draft_vocab, token_frequencies
+    from .vocab import build_draft_vocab, prune_draft_vocab, token_frequencies
 
 
 def __getattr__(name: str) -> Any:

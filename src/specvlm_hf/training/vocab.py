@@ -20,7 +20,7 @@ from .data import IGNORE_INDEX, DistillationDataset
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_draft_vocab", "token_frequencies"]
+__all__ = ["build_draft_vocab", "prune_draft_vocab", "token_frequencies"]
 
 
 def token_frequencies(
@@ -86,26 +86,86 @@ def build_draft_vocab(
         `torch.LongTensor` of shape `(size,)`: the kept target ids, sorted (the draft's `d2t`).
     """
     vocab_size = draft.config.vocab_size
-    if not 1 <= size <= vocab_size:
-        raise ValueError(f"size must be in [1, {vocab_size}], got {size}")
     frequencies = token_frequencies(dataset_or_token_counts, vocab_size)
+    token_ids = _most_frequent(frequencies, torch.arange(vocab_size), size, _always_included(target, always_include))
+    draft.set_draft_vocab(token_ids, target.get_output_embeddings().weight)
+    _log_coverage(frequencies, token_ids, vocab_size)
+    return token_ids
+
+
+def prune_draft_vocab(
+    draft: nn.Module,
+    target: nn.Module | None,
+    dataset_or_token_counts: DistillationDataset | Mapping[int, int] | torch.Tensor | Iterable[Any],
+    size: int,
+    *,
+    always_include: Iterable[int] | None = None,
+) -> torch.LongTensor:
+    r"""
+    Shrinks the reduced vocabulary of a trained draft to its `size` most frequent ids, keeping the draft's trained head
+    rows (no retraining, unlike [`build_draft_vocab`]). On a CPU a draft step is bound by reading weights, the head
+    being the largest of them: halving it makes each step cheaper, at the price of the tokens left out, which can then
+    only come from the target's bonus token. Output is unchanged either way (the target verifies every token).
+
+    Ranking, ties and `always_include` are as in [`build_draft_vocab`]; only ids already in the draft's vocabulary are
+    candidates.
+
+    Args:
+        draft ([`SpecVLMDraftModel`]): a draft with a reduced vocabulary (`draft.d2t`), modified in place.
+        target ([`~transformers.PreTrainedModel`], *optional*): its target, for the default `always_include` (its
+            end-of-sequence ids); pass `always_include` instead when it is not loaded.
+        dataset_or_token_counts: see [`token_frequencies`].
+        size (`int`): new draft vocabulary size, at most the current one.
+        always_include (`Iterable[int]`, *optional*): ids that must stay (they must be in the current vocabulary).
+
+    Returns:
+        `torch.LongTensor` of shape `(size,)`: the kept target ids, sorted (the draft's new `d2t`).
+    """
+    if getattr(draft, "d2t", None) is None or getattr(draft, "lm_head", None) is None:
+        raise ValueError("prune_draft_vocab needs a draft with its own reduced head (`draft.d2t`); a draft that scores "
+                         "the full vocabulary with the target's head gets one with `build_draft_vocab`.")
+    current = draft.d2t.detach().cpu()
+    vocab_size = draft.config.vocab_size
+    frequencies = token_frequencies(dataset_or_token_counts, vocab_size)
+    keep = _always_included(target, always_include)
+    outside = sorted(set(keep) - set(current.tolist()))
+    if outside:
+        raise ValueError(f"always_include ids {outside[:5]} are not in the draft's vocabulary")
+    token_ids = _most_frequent(frequencies, current, size, keep)
+    draft.shrink_draft_vocab(token_ids)
+    _log_coverage(frequencies, token_ids, vocab_size)
+    return token_ids
+
+
+def _always_included(target: nn.Module | None, always_include: Iterable[int] | None) -> list[int]:
+    """`always_include` as sorted unique ids; default: the target's end-of-sequence ids."""
     if always_include is None:
         eos = getattr(getattr(target, "generation_config", None), "eos_token_id", None)
         always_include = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    always_include = sorted({int(token_id) for token_id in always_include})
+    return sorted({int(token_id) for token_id in always_include})
+
+
+def _most_frequent(
+    frequencies: torch.Tensor, candidates: torch.Tensor, size: int, always_include: list[int]
+) -> torch.LongTensor:
+    """The `size` most frequent of `candidates` (ties: smaller id first), `always_include` first; sorted ids."""
+    if not 1 <= size <= candidates.numel():
+        raise ValueError(f"size must be in [1, {candidates.numel()}], got {size}")
     if len(always_include) > size:
         raise ValueError(f"always_include has {len(always_include)} ids, more than size={size}")
-    scores = frequencies.clone()
-    scores[always_include] = float("inf")
+    candidates = candidates.sort().values
+    scores = frequencies[candidates].clone()
+    scores[torch.isin(candidates, torch.tensor(always_include, dtype=torch.long))] = float("inf")
     order = torch.argsort(-scores, stable=True)  # stable: equal counts keep ascending ids
-    token_ids = order[:size].sort().values
-    draft.set_draft_vocab(token_ids, target.get_output_embeddings().weight)
+    return candidates[order[:size]].sort().values
+
+
+def _log_coverage(frequencies: torch.Tensor, token_ids: torch.Tensor, vocab_size: int) -> None:
     total = float(frequencies.sum())
     if total > 0:
         logger.info(
             "Draft vocabulary: %d of %d tokens covering %.2f%% of the training targets.",
-            size,
+            token_ids.numel(),
             vocab_size,
             100.0 * float(frequencies[token_ids].sum()) / total,
         )
-    return token_ids
