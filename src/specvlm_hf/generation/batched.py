@@ -3,7 +3,9 @@
 After the shared batched prefill (`loop.py`), each cycle:
 
 1. the drafter proposes one tree per unfinished row (the EAGLE draft batched too: one draft forward per expansion
-   step and one catch-up forward for all rows, `drafter.BatchedEagleTreeDrafter`; other drafters row by row);
+   step and one catch-up forward for all rows, `drafter.BatchedEagleTreeDrafter`; other drafters row by row); with
+   adaptive trees a cycle goes without the draft when no row's rule finds it worth its cost
+   (`adaptive.AdaptiveTreeSizer.should_draft`), and the draft later catches up on every skipped cycle in one forward;
 2. the rows' trees are padded to a common slot count `W` (padded slots attend only to themselves and are never
    walked) and verified in one forward of shape `(rows, W)` with per-row additive 4-D tree masks (left padding and
    each row's unused columns hidden, sliding windows applied per row) and per-row depth positions (3-axis mRoPE for
@@ -113,7 +115,7 @@ class BatchedTreeDecoder:
         self.kinds = list(dict.fromkeys(self.layer_types)) if self.layer_types else ["full_attention"]
         self.mrope_axes, self.final_layer = first.mrope_axes, first.final_layer
         self.verify_layer_ids, self.head, self.head_mode = first.verify_layer_ids, first.head, first.head_mode
-        self.root_only = first.root_only
+        self.root_only, self.no_draft = first.root_only, first.no_draft
         self.ngram_tokens, self.ngram_max = first.ngram_tokens, first.ngram_max
         self.device = target.get_output_embeddings().weight.device
         self.dtype = target.dtype
@@ -287,7 +289,12 @@ class BatchedTreeDecoder:
                     candidates[i] = ngram_candidate(context, self.ngram_tokens, self.ngram_max)
                     if decoder.sizer is not None:  # without the branch the sizer's candidate length stays 0
                         decoder.sizer.expect_ngram(candidates[i].numel())
-            trees = self.drafter.propose()
+            # adaptive trees: the batch drafts when any row's rule finds the draft worth its cost (a batched step
+            # drafts every row for about the price of one); otherwise every row verifies its n-gram branch (or its
+            # root alone) and the draft catches up later
+            drafted = any(self.decoders[row].sizer is None or self.decoders[row].sizer.should_draft()
+                          for row in self.rows)
+            trees = self.drafter.propose() if drafted else [self.no_draft] * len(self.rows)
             draft_nodes = [tree.num_nodes for tree in trees]
             for i, candidate in enumerate(candidates):
                 if candidate is not None:
@@ -345,6 +352,8 @@ class BatchedTreeDecoder:
                 keep_slots[i, k:] = slots[-1]
                 next_tokens[i, :k] = torch.tensor(emitted)
                 self.decoders[row].stats.record_cycle(len(path) - 1, k, trees[i].num_nodes)
+                if not drafted:
+                    self.decoders[row].stats.undrafted_cycles += 1
                 if stopped:
                     finished.append(i)
             counts_t = torch.tensor(counts, device=self.device)
@@ -381,4 +390,4 @@ class BatchedTreeDecoder:
                 if decoder.sizer is not None:
                     decoder.drafter = self.drafter
                     decoder._observe(trees[i], results[i][0], verify_seconds, cycle_started, candidates[i],
-                                     results[i][1], draft_nodes=draft_nodes[i])
+                                     results[i][1], draft_nodes=draft_nodes[i], drafted=drafted)

@@ -323,6 +323,8 @@ class BatchedEagleTreeDrafter:
             for name, count in row.stats.compressor_choices.items():
                 self.stats.compressor_choices[name] = self.stats.compressor_choices.get(name, 0) + count
         self.last_step_seconds: float | None = None
+        # committed pairs not caught up yet (`extend`): per cycle, (features, next_tokens, counts) of every row
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     _logprobs = EagleTreeDrafter._logprobs
     _embed = EagleTreeDrafter._embed
@@ -335,6 +337,7 @@ class BatchedEagleTreeDrafter:
         self.lengths, self.next_position = self.lengths[keep], self.next_position[keep]
         self.last_hidden = self.last_hidden[keep]
         self.sizers = [self.sizers[i] for i in keep.tolist()]
+        self.pending = [(f[keep], t[keep], c[keep]) for f, t, c in self.pending]
         keep_rows(self.cache, keep, int(self.lengths.max()))
 
     def _prefix_mask(self, n_query: int) -> torch.Tensor:
@@ -347,7 +350,8 @@ class BatchedEagleTreeDrafter:
 
     def extend(self, features: torch.Tensor, next_tokens: torch.Tensor, counts: torch.Tensor) -> None:
         """
-        Catch-up over each row's newly committed pairs.
+        Records each row's newly committed pairs; the draft catches up on them at the next [`propose`] (several
+        cycles' pairs in one forward when cycles went without drafting).
 
         Args:
             features (`torch.FloatTensor` of shape `(b, k, feature_width)`): per row, features of the root and its
@@ -355,10 +359,35 @@ class BatchedEagleTreeDrafter:
             next_tokens (`torch.LongTensor` of shape `(b, k)`): the tokens following each of them, padded to `k`.
             counts (`torch.LongTensor` of shape `(b,)`): committed pairs per row (`1 <= counts <= k`).
         """
+        if features.shape[:2] != next_tokens.shape or counts.shape != next_tokens.shape[:1]:
+            raise ValueError(f"extend: features {tuple(features.shape)}, next_tokens {tuple(next_tokens.shape)} and "
+                             f"counts {tuple(counts.shape)} disagree")
+        self.pending.append((features.to(self.device), next_tokens.to(self.device), counts.to(self.device)))
+
+    def _pending_pairs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every recorded cycle's pairs, per row in commit order, left-aligned and padded: `(features, tokens,
+        counts)` as [`extend`] takes them."""
+        if len(self.pending) == 1:
+            return self.pending[0]
+        features = torch.cat([f for f, _, _ in self.pending], dim=1)
+        tokens = torch.cat([t for _, t, _ in self.pending], dim=1)
+        valid = torch.cat([torch.arange(t.shape[1], device=self.device)[None] < c[:, None] for _, t, c in self.pending],
+                          dim=1)  # (b, sum k)
+        counts = valid.sum(dim=1)
+        # each row's valid pairs first, in order (a stable sort of the validity flags); padding after them
+        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, : int(counts.max())]
+        features = features.gather(1, order[..., None].expand(-1, -1, features.shape[-1]))
+        return features, tokens.gather(1, order), counts
+
+    def catch_up(self) -> None:
+        """One draft forward over every row's pairs recorded by [`extend`] since the last one (no-op when none)."""
+        if not self.pending:
+            return
         from .cache_utils import compact_rows
 
         started = time.perf_counter()
-        counts = counts.to(self.device)
+        features, next_tokens, counts = self._pending_pairs()
+        self.pending = []
         b, k = next_tokens.shape
         width = self.cache.get_seq_length()
         neg = torch.finfo(self.dtype).min
@@ -368,7 +397,7 @@ class BatchedEagleTreeDrafter:
         mask = torch.cat([self._prefix_mask(k), block], dim=-1)
         out = self.draft(
             inputs_embeds=self._embed(next_tokens),
-            target_hidden_states=features.to(self.device),
+            target_hidden_states=features,
             attention_mask=mask,
             position_ids=self.next_position[:, None] + steps[None],
             past_key_values=self.cache,
@@ -388,6 +417,7 @@ class BatchedEagleTreeDrafter:
     @torch.no_grad()
     def propose(self) -> list[DraftTree]:
         """Grows one EAGLE-2 tree per row (batched expansion) and returns them in row order."""
+        self.catch_up()
         top_k, max_depth, budget = self.knobs.top_k, self.knobs.depth, self.knobs.total_tokens
         depths = [sizer.depth if sizer is not None else max_depth for sizer in self.sizers]
         depth = max(depths)
