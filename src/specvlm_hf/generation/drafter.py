@@ -12,6 +12,10 @@ the draft's last predicted feature). One cycle:
 2. `propose()`: expand the top-k children of every frontier node for `depth - 1` steps (K^2 candidates per step,
    frontier = best K by cumulative log-probability), rerank every recorded candidate and keep the best
    `total_tokens`; the scratch keys/values of the expansion are dropped from the draft cache afterwards.
+
+The draft's own work runs under `torch.inference_mode()` (about 10 % less per-operation overhead than `no_grad` for
+its small forwards on a CPU). Only the draft's private state (its cache, its last feature) and the proposed trees are
+made there; nothing of the target's, nothing returned to the caller of `generate`.
 """
 
 from __future__ import annotations
@@ -85,6 +89,7 @@ class EagleTreeDrafter:
     def _embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(token_ids.to(self.embed_tokens.weight.device)).to(self.device)
 
+    @torch.inference_mode()
     def prefill(
         self,
         inputs_embeds: torch.Tensor,
@@ -158,6 +163,7 @@ class EagleTreeDrafter:
             raise ValueError(f"extend: {features.shape[1]} features for {next_tokens.numel()} tokens")
         self.pending.append((features, next_tokens.reshape(-1)))
 
+    @torch.inference_mode()
     def catch_up(self) -> None:
         """One draft forward over every pair recorded by [`extend`] since the last one (no-op when none is)."""
         if not self.pending:
@@ -185,7 +191,7 @@ class EagleTreeDrafter:
         self.last_hidden = out.last_hidden_state[:, -1]
 
     # -------------------------------------------------------------------------------------------------------------
-    @torch.no_grad()
+    @torch.inference_mode()
     def propose(self) -> DraftTree:
         """Grows, reranks and returns one EAGLE-2 tree; the draft cache is left holding the committed context only."""
         if self.last_hidden is None:
@@ -329,6 +335,7 @@ class BatchedEagleTreeDrafter:
     _logprobs = EagleTreeDrafter._logprobs
     _embed = EagleTreeDrafter._embed
 
+    @torch.inference_mode()
     def keep_rows(self, keep: torch.Tensor) -> None:
         """Keeps batch rows `keep` (`torch.LongTensor`, ascending); the others are finished."""
         from .cache_utils import keep_rows
@@ -379,6 +386,7 @@ class BatchedEagleTreeDrafter:
         features = features.gather(1, order[..., None].expand(-1, -1, features.shape[-1]))
         return features, tokens.gather(1, order), counts
 
+    @torch.inference_mode()
     def catch_up(self) -> None:
         """One draft forward over every row's pairs recorded by [`extend`] since the last one (no-op when none)."""
         if not self.pending:
@@ -414,7 +422,7 @@ class BatchedEagleTreeDrafter:
         synchronize(self.device)
         self.stats.seconds += time.perf_counter() - started
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def propose(self) -> list[DraftTree]:
         """Grows one EAGLE-2 tree per row (batched expansion) and returns them in row order."""
         self.catch_up()
