@@ -95,3 +95,5 @@ def test_pruning_refuses_what_it_cannot_do(draft, target):
         draft.shrink_draft_vocab(torch.tensor([3, 50]))
     ids = prune_draft_vocab(draft, None, {3: 5, 4: 4}, 2)  # no target: nothing forced
     assert ids.tolist() == [3, 4]
+    # the target's eos (2) is no longer in the vocabulary: the default keeps what it can, no error
+    assert prune_draft_vocab(draft, target, {3: 5, 4: 4}, 1).tolist() == [3]

@@ -116,7 +116,8 @@ def prune_draft_vocab(
             end-of-sequence ids); pass `always_include` instead when it is not loaded.
         dataset_or_token_counts: see [`token_frequencies`].
         size (`int`): new draft vocabulary size, at most the current one.
-        always_include (`Iterable[int]`, *optional*): ids that must stay (they must be in the current vocabulary).
+        always_include (`Iterable[int]`, *optional*): ids that must stay (they must be in the current vocabulary);
+            default: the target's end-of-sequence ids that the draft's vocabulary holds.
 
     Returns:
         `torch.LongTensor` of shape `(size,)`: the kept target ids, sorted (the draft's new `d2t`).
@@ -129,8 +130,9 @@ def prune_draft_vocab(
     frequencies = token_frequencies(dataset_or_token_counts, vocab_size)
     keep = _always_included(target, always_include)
     outside = sorted(set(keep) - set(current.tolist()))
-    if outside:
+    if outside and always_include is not None:
         raise ValueError(f"always_include ids {outside[:5]} are not in the draft's vocabulary")
+    keep = [token_id for token_id in keep if token_id not in outside]  # default: the target's eos ids it has
     token_ids = _most_frequent(frequencies, current, size, keep)
     draft.shrink_draft_vocab(token_ids)
     _log_coverage(frequencies, token_ids, vocab_size)
