@@ -40,6 +40,14 @@ class _Parser(argparse.ArgumentParser):
         raise UserValueError(f"{message} (see `{self.prog} --help`)")
 
 
+def _add_corpus_dir(parser: argparse.ArgumentParser) -> None:
+    """`--corpus-dir`, shared by the commands that read the draft's training corpus."""
+    parser.add_argument(
+        "--corpus-dir", type=Path, default=None,
+        help="the build-corpus folder (default: the cache's; the committed corpus when there is none)",
+    )
+
+
 def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Builds (or fills, when given, e.g. a sub-parser of `specvlm`) the `pocket` argument parser."""
     from .compressor_ablation import VARIANTS
@@ -141,10 +149,7 @@ def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
         "--no-untrained-eval", dest="measure_untrained", action="store_false",
         help="skip the acceptance measurement before training (it depends only on seed, draft shape and vocabulary)",
     )
-    draft.add_argument(
-        "--corpus-dir", type=Path, default=None,
-        help="the build-corpus folder (default: the cache's; the committed corpus when there is none)",
-    )
+    _add_corpus_dir(draft)
     draft.add_argument("--work-dir", type=Path, default=None, help="data and trainer folder (default: cache)")
     draft.add_argument("--output-dir", type=Path, default=None, help="where the draft is written (default: assets)")
     draft.add_argument(
@@ -172,10 +177,7 @@ def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
         "--no-measure", dest="measure", action="store_false",
         help="skip the acceptance measurement before and after pruning (about 4 minutes on a 2-core CPU)",
     )
-    prune.add_argument(
-        "--corpus-dir", type=Path, default=None,
-        help="the build-corpus folder (default: the cache's; the committed corpus when there is none)",
-    )
+    _add_corpus_dir(prune)
     prune.add_argument("--work-dir", type=Path, default=None, help="data folder, as for train-draft (default: cache)")
     prune.add_argument("--num-threads", type=non_negative_int, default=0, help="torch threads (0: torch default)")
 
