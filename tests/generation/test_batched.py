@@ -9,7 +9,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from specvlm_hf import SpecVLMDraftModel
-from specvlm_hf.generation.drafter import BatchedEagleTreeDrafter, EagleTreeDrafter, TreeKnobs, fill_padded_width
+from specvlm_hf.generation.drafter import BatchedEagleTreeDrafter, EagleTreeDrafter, TreeKnobs
 from specvlm_hf.testing.tiny_models import FAMILIES, MULTIMODAL_FAMILIES, build_tiny_target, make_inputs
 
 from .oracle import oracle
@@ -121,15 +121,6 @@ def test_per_row_route_on_request_equals_batched(targets):
                               return_dict_in_generate=True, tree_batched=batched)
         assert out.sequences.tolist() == reference.tolist()
         assert (out.speculation.batched_forwards > 0) == batched
-
-
-def test_rows_fill_the_padding_of_the_widest_row():
-    # rows 0 and 3 are widest (20 nodes + a 10-token branch = 30 slots): the others grow into those slots, within their
-    # candidates and the knobs' node budget, never below their own budget
-    assert fill_padded_width([20, 6, 4, 20], [64, 64, 12, 64], [10, 0, 0, 10], 24) == [20, 24, 12, 20]
-    assert fill_padded_width([8, 8], [64, 64], [0, 0], 24) == [8, 8]  # equal rows: nothing to fill
-    assert fill_padded_width([30, 2], [16, 64], [0, 0], 24) == [16, 16]  # a budget past its candidates counts as them
-    assert fill_padded_width([], [], [], 24) == []
 
 
 @pytest.mark.parametrize("skipped", [(), (1, 2)])

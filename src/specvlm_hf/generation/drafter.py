@@ -290,28 +290,6 @@ class EagleTreeDrafter:
         return DraftTree.from_parents(tokens[keep], parent_slots, scores[keep])
 
 
-def fill_padded_width(budgets: list[int], candidates: list[int], branch: list[int], max_nodes: int) -> list[int]:
-    """
-    Per-row node budgets of a batched tree, grown into the padding the widest row already makes every row pay.
-
-    A batched verification forward is `rows x W` query slots, `W` set by the widest row (its draft nodes plus its n-gram
-    branch); a narrower row's remaining slots are computed anyway, as padding. Filling them with the row's next-best
-    candidates costs no verification time and can only add accepted tokens.
-
-    Args:
-        budgets (`list[int]`): each row's own budget (its adaptive rule's or the knobs').
-        candidates (`list[int]`): candidates each row recorded (a budget never exceeds them).
-        branch (`list[int]`): each row's announced n-gram branch length (0 without one).
-        max_nodes (`int`): the knobs' node budget, an upper bound for every row.
-
-    Returns:
-        `list[int]`: the budgets to keep, each at least the row's own.
-    """
-    own = [min(b, c) for b, c in zip(budgets, candidates)]
-    width = max((n + g for n, g in zip(own, branch)), default=0)
-    return [max(n, min(width - g, c, max_nodes)) for n, g, c in zip(own, branch, candidates)]
-
-
 class BatchedEagleTreeDrafter:
     """
     Drafts EAGLE-2 trees for every unfinished batch row at once: one draft forward per expansion step and one catch-up
@@ -532,15 +510,12 @@ class BatchedEagleTreeDrafter:
         tokens = torch.cat(rec_tokens, dim=1).cpu()  # one transfer for every row
         scores = torch.cat(rec_scores, dim=1).float().cpu()
         parents = torch.cat(rec_parents, dim=1).cpu()
-        counts = [step_ends[depths[r] - 1] for r in range(b)]
-        budgets = [sizer.budget(scores[r, : counts[r]]) if sizer is not None else budget
-                   for r, sizer in enumerate(self.sizers)]
-        budgets = fill_padded_width(budgets, counts, [getattr(s, "ngram_tokens", 0) for s in self.sizers], budget)
         trees = []
         for r in range(b):
-            n = counts[r]
+            n = step_ends[depths[r] - 1]
             row_tokens, row_scores, row_parents = tokens[r, :n], scores[r, :n], parents[r, :n]
-            keep = select_nodes(row_scores, row_parents, budgets[r])
+            row_budget = self.sizers[r].budget(row_scores) if self.sizers[r] is not None else budget
+            keep = select_nodes(row_scores, row_parents, row_budget)
             slot_of = torch.full((n,), -1, dtype=torch.long)
             slot_of[keep] = torch.arange(1, keep.numel() + 1)
             kept_parents = row_parents[keep]
