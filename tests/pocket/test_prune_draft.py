@@ -62,7 +62,7 @@ def trained(tmp_path, monkeypatch):
 
 
 def test_pruned_draft_keeps_trained_rows_and_records_the_pruning(trained):
-    target, processor, draft, tmp_path, calls = trained
+    target, _, draft, tmp_path, calls = trained
     out = prune_draft.prune_pocket_draft(8, tmp_path / "draft", tmp_path / "pruned", command="specvlm pocket x")
     assert calls == [(24, 0.0, 8), (24, 1.0, 8), (8, 0.0, 8), (8, 1.0, 8)]  # before, then after
     pruned = SpecVLMDraftModel.from_pretrained(out)
